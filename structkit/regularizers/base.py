@@ -1,0 +1,99 @@
+"""The regularizer interface and its registry.
+
+A regularizer is the structure-inducing term ``psi`` of ``min_W F(W) + lam * psi(W)``. The solvers never
+look inside one: they ask for its value, its proximal operator under a scalar metric, and (when one is
+known) its exact solution under a diagonal metric. Everything works on the flat vector of one optimizer
+param group together with its :class:`~structkit.layout.GroupLayout`, so every method is a handful of
+vectorised kernels over all groups at once.
+
+``lam`` is applied by the solver: methods take ``tau`` = (step size) x lam, either a float or a
+per-group tensor of length ``layout.num_groups``.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import ClassVar
+
+import torch
+
+from ..layout import GroupLayout
+
+
+class Regularizer:
+    """Base class. Subclasses implement :meth:`value` and :meth:`prox`; the rest is optional.
+
+    Class attributes:
+      ``name``      -- registry name (set by :func:`register_regularizer`);
+      ``grouping``  -- how groups are formed when a param group declares none: ``"element"`` (every entry),
+                       ``"rows"`` (slices along ``group_dim``, default 0), or ``"tensor"`` (whole tensors);
+      ``convex``    -- False makes the inexact solver halve its step and keep the previous point when the
+                       subproblem objective did not decrease.
+    """
+
+    name: ClassVar[str] = ""
+    grouping: ClassVar[str] = "element"
+    convex: ClassVar[bool] = True
+
+    def value(self, x: torch.Tensor, layout: GroupLayout) -> torch.Tensor:
+        """``psi(x)`` as a 0-dim tensor (no ``lam``)."""
+        raise NotImplementedError
+
+    def prox(self, x: torch.Tensor, tau: torch.Tensor | float, layout: GroupLayout) -> torch.Tensor:
+        """``argmin_y 1/2 ||y - x||^2 + tau * psi(y)`` (tau per group or scalar)."""
+        raise NotImplementedError
+
+    def prox_diag(self, z: torch.Tensor, d: torch.Tensor, tau: float,
+                  layout: GroupLayout) -> torch.Tensor | None:
+        """Exact ``argmin_y 1/2 sum_i d_i (y_i - z_i)^2 + tau * psi(y)``, or None when there is no cheap exact
+        solution (the solver then runs proximal gradient with :meth:`prox`)."""
+        return None
+
+    def screen(self, z: torch.Tensor, d: torch.Tensor, tau: float, layout: GroupLayout) -> torch.Tensor | None:
+        """Boolean per group: True where the diagonal-metric solution is known to be exactly zero. None if no
+        exact screening rule is known."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+_REGISTRY: dict[str, type[Regularizer]] = {}
+
+
+def register_regularizer(name: str):
+    """Class decorator: ``@register_regularizer("my_reg")`` makes ``regularizer="my_reg"`` usable by every solver."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("register_regularizer needs a non-empty name, e.g. @register_regularizer('my_reg').")
+
+    def decorate(cls: type[Regularizer]) -> type[Regularizer]:
+        if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+            raise TypeError(f"@register_regularizer('{name}') must decorate a subclass of structkit.regularizers.Regularizer.")
+        if cls.grouping not in ("element", "rows", "tensor"):
+            raise ValueError(f"{cls.__name__}.grouping must be 'element', 'rows' or 'tensor', not {cls.grouping!r}.")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_regularizers(pattern: str = "*") -> list[str]:
+    """Registered names matching a shell-style wildcard pattern, sorted."""
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+
+
+def get_regularizer(spec: str | Regularizer | type[Regularizer] | None) -> Regularizer:
+    """A regularizer instance from a registered name, an instance, a class, or None (= ``"none"``)."""
+    if spec is None:
+        spec = "none"
+    if isinstance(spec, Regularizer):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, Regularizer):
+        return spec()
+    if isinstance(spec, str) and spec in _REGISTRY:
+        return _REGISTRY[spec]()
+    close = difflib.get_close_matches(str(spec), list(_REGISTRY), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ValueError(f"unknown regularizer {spec!r}.{hint} Registered: {', '.join(list_regularizers())}; "
+                     "add your own with @structkit.regularizers.register_regularizer.")

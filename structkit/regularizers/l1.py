@@ -1,0 +1,32 @@
+"""``l1``: psi(W) = sum_i |W_i| -- unstructured sparsity.
+
+Prox (scalar metric): soft-thresholding ``sign(x) max(|x| - tau, 0)``. Under a diagonal metric the problem
+stays separable, so the exact solution is soft-thresholding at ``tau / d_i``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Regularizer, register_regularizer
+
+
+def soft_threshold(x: torch.Tensor, t) -> torch.Tensor:
+    """``sign(x) * max(|x| - t, 0)`` elementwise."""
+    return x.sign() * (x.abs() - t).clamp_min(0)
+
+
+@register_regularizer("l1")
+class L1(Regularizer):
+    grouping = "element"
+
+    def value(self, x, layout):
+        return x.abs().sum()
+
+    def prox(self, x, tau, layout):
+        return soft_threshold(x, layout.expand(tau))
+
+    def prox_diag(self, z, d, tau, layout):
+        return soft_threshold(z, tau / d)
+
+    def screen(self, z, d, tau, layout):
+        return (d * z).abs() <= tau

@@ -1,0 +1,186 @@
+"""What every structkit solver shares: param-group validation, flat state, group layouts, restarts, stats.
+
+A structkit solver is a ``torch.optim.Optimizer``. Each param group may carry, besides the usual keys:
+
+* ``regularizer`` -- a registered name (``structkit.regularizers.list_regularizers()``) or an instance;
+  ``"none"`` by default, which trains the group unregularized;
+* ``lam`` -- the regularization weight (>= 0);
+* ``group_dim`` -- the simple grouping: slices along this dim of each tensor are groups (0 = rows/filters,
+  1 = columns/input channels); or ``group_index`` -- one group index per tensor (see
+  :mod:`structkit.layout`), which lets groups span tensors (a filter, its BatchNorm entries, ...).
+
+Per param group the solver works on one flat vector: the tensors are concatenated once per step, all the
+maths runs as a few large kernels over that vector (no loop over tensors or groups), and the result is
+copied back. The state lives flat too, under the group's first parameter, so ``state_dict()`` /
+``load_state_dict()`` round-trip it unchanged.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from ..layout import GroupLayout, group_dim_indices
+from ..regularizers import get_regularizer
+from .subproblem import METHODS, SubproblemInfo
+
+
+class StructuredOptimizer(Optimizer):
+    """Base class. Subclasses implement :meth:`_update` (and :meth:`_restart_state` if they keep a dual state)."""
+
+    #: hyperparameters that must be > 0 / >= 0 / in [0, 1]; subclasses extend these
+    _positive: tuple[str, ...] = ("lr",)
+    _nonnegative: tuple[str, ...] = ("lam",)
+    _unit_interval: tuple[str, ...] = ()
+    #: whether a stage restart scales eps together with lr (RAMDA: yes, as in the paper)
+    _restart_scales_eps: bool = True
+
+    def __init__(self, params, defaults: dict[str, Any]):
+        base = dict(regularizer="none", lam=0.0, group_dim=None, group_index=None, momentum_ramp=False)
+        base.update(defaults)
+        self._layouts: dict[int, tuple[dict, GroupLayout]] = {}
+        self._stats = self._empty_stats()
+        super().__init__(params, base)
+
+    # ---- validation ----
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._validate(self.param_groups[-1])
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        for key in self._positive:
+            if not _is_number(group[key]) or not group[key] > 0:
+                raise ValueError(f"Invalid {key} for {name}: {group[key]!r}; it must be a number > 0.")
+        for key in self._nonnegative:
+            if not _is_number(group[key]) or not group[key] >= 0:
+                raise ValueError(f"Invalid {key} for {name}: {group[key]!r}; it must be a finite number >= 0.")
+        for key in self._unit_interval:
+            if not _is_number(group[key]) or not 0 < group[key] <= 1:
+                raise ValueError(f"Invalid {key} for {name}: {group[key]!r}; it must be in (0, 1].")
+        reg = get_regularizer(group["regularizer"])
+        if group.get("subproblem", "auto") not in METHODS:
+            raise ValueError(f"Invalid subproblem method {group['subproblem']!r}; use one of {METHODS}.")
+        params = group["params"]
+        if group["group_index"] is not None and len(group["group_index"]) != len(params):
+            raise ValueError(f"group_index has {len(group['group_index'])} entries for {len(params)} parameters; "
+                             "give one group index per parameter.")
+        if group["group_dim"] is not None and group["group_index"] is not None:
+            raise ValueError("give either group_dim or group_index in a param group, not both.")
+        if len({(p.dtype, p.device) for p in params}) > 1:
+            raise ValueError("all parameters of one param group must share dtype and device; split the group.")
+        if reg.grouping == "tensor" and group["group_index"] is not None and \
+                any(ix != "tensor" for ix in group["group_index"]):
+            raise ValueError(f"regularizer '{reg.name}' works on whole tensors; its group_index must be 'tensor'.")
+
+    # ---- layouts and flat state ----
+    def _layout(self, group: dict[str, Any]) -> GroupLayout:
+        cached = self._layouts.get(id(group))
+        if cached is not None and cached[0] is group:
+            return cached[1]
+        params = group["params"]
+        shapes = [p.shape for p in params]
+        reg = get_regularizer(group["regularizer"])
+        if group["group_index"] is not None:
+            indices = list(group["group_index"])
+        elif reg.grouping == "rows":
+            indices = group_dim_indices(shapes, group["group_dim"] or 0)
+        else:
+            indices = [reg.grouping] * len(params)
+        layout = GroupLayout(shapes, indices, device=params[0].device, dtype=params[0].dtype)
+        self._layouts[id(group)] = (group, layout)
+        return layout
+
+    def group_layout(self, group_idx: int) -> GroupLayout:
+        """The :class:`GroupLayout` of ``param_groups[group_idx]`` (for metrics and tests)."""
+        return self._layout(self.param_groups[group_idx])
+
+    def _flat_state(self, group: dict[str, Any]) -> dict[str, Any]:
+        return self.state[group["params"][0]]
+
+    # ---- the step ----
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step over every param group (parameters without a gradient count as gradient 0)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = group["params"]
+            if not params or all(p.grad is None for p in params):
+                continue
+            if any(p.grad is not None and p.grad.is_sparse for p in params):
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
+            layout = self._layout(group)
+            w = layout.flatten(params)
+            g = layout.flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            new_w = self._update(group, self._flat_state(group), w, g, layout, get_regularizer(group["regularizer"]))
+            torch._foreach_copy_(params, layout.split(new_w))
+        self._stats["steps"] += 1
+        return loss
+
+    def _update(self, group, state, w, g, layout, reg) -> torch.Tensor:
+        """Return the new flat parameters of one group (``w`` is a fresh copy and may be changed in place)."""
+        raise NotImplementedError
+
+    # ---- stage-wise restarts ----
+    @torch.no_grad()
+    def restart(self, factor: float = 0.1, momentum_ramp: bool = False) -> None:
+        """Start a new stage: scale lr (and eps, for solvers with ``_restart_scales_eps``) by ``factor``,
+        restart any dual state at the current point, and optionally ramp the averaging momentum to 1
+        (``c_t = min(c sqrt(t), 1)``)."""
+        if not _is_number(factor) or not factor > 0:
+            raise ValueError(f"Invalid restart factor {factor!r}; it must be a number > 0 (0.1 is typical).")
+        for group in self.param_groups:
+            group["lr"] *= factor
+            if self._restart_scales_eps and "eps" in group:
+                group["eps"] *= factor
+            group["momentum_ramp"] = momentum_ramp
+            state = self._flat_state(group) if group["params"] else {}
+            if state:
+                self._restart_state(group, state, self._layout(group).flatten(group["params"]))
+
+    def _restart_state(self, group, state, w) -> None:
+        """Reset the per-stage state at the current flat point ``w`` (no-op for solvers without one)."""
+
+    # ---- statistics ----
+    @staticmethod
+    def _empty_stats() -> dict[str, Any]:
+        return {"steps": 0, "solves": 0, "pg_solves": 0, "inner_iters": 0, "max_inner_iters": 0,
+                "residual": None, "screened": None, "groups": 0}
+
+    def _record(self, info: SubproblemInfo, num_groups: int) -> None:
+        s = self._stats
+        s["solves"] += 1
+        if not info.exact:
+            s["pg_solves"] += 1
+            s["inner_iters"] += info.iters
+            s["max_inner_iters"] = max(s["max_inner_iters"], info.iters)
+            s["residual"] = info.residual
+        s["screened"] = info.screened if s["screened"] is None else s["screened"] + info.screened
+        s["groups"] += num_groups
+
+    def solver_stats(self, reset: bool = False) -> dict[str, float]:
+        """Inner-solver statistics since construction (or the last reset): mean/max inner iterations per
+        proximal-gradient solve, the last certificate value, and the fraction of groups screened to zero.
+        This is the only place that reads device values back to the host."""
+        s = self._stats
+        out = {
+            "steps": s["steps"],
+            "subproblem_solves": s["solves"],
+            "pg_solves": s["pg_solves"],
+            "mean_inner_iters": s["inner_iters"] / s["pg_solves"] if s["pg_solves"] else 0.0,
+            "max_inner_iters": s["max_inner_iters"],
+            "final_residual": float(s["residual"]) if s["residual"] is not None else 0.0,
+            "screened_fraction": float(s["screened"]) / s["groups"] if s["screened"] is not None and s["groups"] else 0.0,
+        }
+        if reset:
+            self._stats = self._empty_stats()
+        return out
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

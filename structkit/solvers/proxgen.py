@@ -1,0 +1,60 @@
+"""ProxGen (Yun et al., NeurIPS 2021): proximal Adam, sharing RAMDA's inexact subproblem solver."""
+from __future__ import annotations
+
+import torch
+
+from .base import StructuredOptimizer
+from .subproblem import solve_subproblem
+
+
+class ProxGen(StructuredOptimizer):
+    r"""Proximal Adam, per param group:
+
+    .. math::
+        m_t = \beta_1 m + (1-\beta_1) g,\quad v_t = \beta_2 v + (1-\beta_2) g^2,\quad
+        D_t = \sqrt{v_t / (1-\beta_2^t)} + \epsilon
+
+        W_t \approx \arg\min_W \langle \text{lr}\,\hat m_t, W\rangle + \tfrac12\|W - W_{t-1}\|^2_{D_t}
+                    + \text{lr}\,\lambda\psi(W),\qquad \hat m_t = m_t / (1 - \beta_1^t)
+
+    i.e. the diagonal-metric subproblem with ``z = W_{t-1} - lr m_hat / D``, solved exactly when the
+    regularizer allows and by proximal gradient otherwise (tolerance ``inner_tol / t^(0.5+inner_delta)``
+    relative to ``||D z||``). Args: lr (1e-3), betas ((0.9, 0.999)), eps (1e-8), inner_tol, inner_delta,
+    inner_max_iter, subproblem, regularizer, lam, group_dim, group_index.
+    """
+
+    _positive = ("lr", "eps", "inner_tol", "inner_max_iter")
+    _nonnegative = ("lam", "inner_delta")
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
+                 regularizer="none", lam: float = 0.0, group_dim: int | None = None, inner_tol: float = 1e-2,
+                 inner_delta: float = 0.05, inner_max_iter: int = 100, subproblem: str = "auto"):
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Invalid betas for ProxGen: {betas!r}; both must be in [0, 1).")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, regularizer=regularizer, lam=lam,
+                                      group_dim=group_dim, inner_tol=inner_tol, inner_delta=inner_delta,
+                                      inner_max_iter=inner_max_iter, subproblem=subproblem))
+
+    _restart_scales_eps = False  # a new stage only scales lr: ProxGen has no dual state, and Adam keeps its eps
+
+    def _update(self, group, state, w, g, layout, reg):
+        if not state:
+            state["step"] = 0
+            state["m"] = torch.zeros_like(w)
+            state["v"] = torch.zeros_like(w)
+        state["step"] += 1
+        t = state["step"]
+        beta1, beta2 = group["betas"]
+        state["m"].lerp_(g, 1 - beta1)
+        state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        D = (state["v"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+        lr = group["lr"]
+        z = torch.addcdiv(w, state["m"], D, value=-lr / (1 - beta1 ** t))
+        tau = lr * group["lam"]
+        if tau == 0:
+            return z
+        tol = group["inner_tol"] / t ** (0.5 + group["inner_delta"]) * torch.linalg.vector_norm(D * z)
+        w_new, info = solve_subproblem(reg, z, D, tau, layout, warm_start=w, tol=tol,
+                                       max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
+        self._record(info, layout.num_groups)
+        return w_new

@@ -1,0 +1,78 @@
+"""RAMDA: Regularized Adaptive Momentum Dual Averaging (Huang & Lee, NeurIPS 2024)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import StructuredOptimizer
+from .subproblem import solve_subproblem
+
+
+class RAMDA(StructuredOptimizer):
+    r"""RAMDA, per param group, with gradient ``g`` at step ``t`` of the current stage:
+
+    .. math::
+        s_t = \text{lr}\sqrt{t},\quad \alpha_t = \alpha_{t-1} + s_t,\quad
+        V_t = V_{t-1} + s_t g,\quad U_t = U_{t-1} + s_t g^2,\quad P_t = U_t^{1/3} + \epsilon
+
+        \hat W_t \approx \arg\min_W \langle V_t, W - W_0\rangle + \tfrac12 \|W - W_0\|^2_{P_t}
+                      + \alpha_t\,\lambda\,\psi(W)
+
+        W_t = (1 - c_t) W_{t-1} + c_t \hat W_t
+
+    The subproblem is solved by :func:`~structkit.solvers.subproblem.solve_subproblem` (exact when the
+    regularizer allows, else proximal gradient with the paper's stopping rule at tolerance
+    ``inner_tol / t^(0.5 + inner_delta)``, relative to ``||P z||``). With ``lam = 0`` this is MADGRAD.
+    ``c_t = momentum``, or ``min(momentum * sqrt(t), 1)`` in a stage started with ``momentum_ramp=True``
+    (see :class:`~structkit.solvers.StageScheduler`), so the final iterate is ``W_hat`` and carries its
+    exact structure.
+
+    Args: params (iterable or param groups, see :mod:`structkit.solvers.base` for the structure keys),
+    lr (1e-2), momentum (c, in (0, 1], 1e-2), eps (1e-6), inner_tol (1e-2), inner_delta (0.05),
+    inner_max_iter (100), subproblem ("auto" | "exact" | "pg"), regularizer, lam, group_dim, group_index.
+    """
+
+    _positive = ("lr", "eps", "inner_tol", "inner_max_iter")
+    _nonnegative = ("lam", "inner_delta")
+    _unit_interval = ("momentum",)
+
+    def __init__(self, params, lr: float = 1e-2, momentum: float = 1e-2, eps: float = 1e-6, *,
+                 regularizer="none", lam: float = 0.0, group_dim: int | None = None,
+                 inner_tol: float = 1e-2, inner_delta: float = 0.05, inner_max_iter: int = 100,
+                 subproblem: str = "auto"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, regularizer=regularizer, lam=lam,
+                                      group_dim=group_dim, inner_tol=inner_tol, inner_delta=inner_delta,
+                                      inner_max_iter=inner_max_iter, subproblem=subproblem))
+
+    def _restart_state(self, group, state, w):
+        state["step"] = 0
+        state["alpha"] = 0.0
+        state["W0"] = w.clone()
+        state["V"] = torch.zeros_like(w)
+        state["U"] = torch.zeros_like(w)
+
+    def _update(self, group, state, w, g, layout, reg):
+        if not state:
+            self._restart_state(group, state, w)
+        state["step"] += 1
+        t = state["step"]
+        s = group["lr"] * math.sqrt(t)
+        state["alpha"] += s
+        V, U = state["V"], state["U"]
+        V.add_(g, alpha=s)
+        U.addcmul_(g, g, value=s)
+        P = U.pow(1 / 3).add_(group["eps"])
+        z = torch.addcdiv(state["W0"], V, P, value=-1)
+        tau = state["alpha"] * group["lam"]
+        if tau == 0:
+            w_hat = z
+        else:
+            tol = group["inner_tol"] / t ** (0.5 + group["inner_delta"]) * torch.linalg.vector_norm(P * z)
+            w_hat, info = solve_subproblem(reg, z, P, tau, layout, warm_start=w, tol=tol,
+                                           max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
+            self._record(info, layout.num_groups)
+        c = group["momentum"]
+        if group["momentum_ramp"]:
+            c = min(c * math.sqrt(t), 1.0)
+        return w.lerp_(w_hat, c)

@@ -1,0 +1,48 @@
+"""RMDA: Regularized Modernized Dual Averaging (Huang & Lee, ICLR 2022) -- RAMDA without the preconditioner."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import StructuredOptimizer
+
+
+class RMDA(StructuredOptimizer):
+    r"""RMDA, per param group:
+
+    .. math::
+        s_t = \text{lr}\sqrt{t},\quad \alpha_t = \alpha_{t-1} + s_t,\quad V_t = V_{t-1} + s_t g,\quad
+        \tilde W_t = \text{prox}_{(\alpha_t/\sqrt t)\lambda\psi}\big(W_0 - V_t/\sqrt t\big),\quad
+        W_t = (1 - c_t) W_{t-1} + c_t \tilde W_t
+
+    The subproblem has a scalar metric (``sqrt(t) I``), so the regularizer's closed-form prox solves it.
+    Args: lr (0.1), momentum (c, 0.1), regularizer, lam, group_dim, group_index.
+    """
+
+    _unit_interval = ("momentum",)
+
+    def __init__(self, params, lr: float = 0.1, momentum: float = 0.1, *, regularizer="none", lam: float = 0.0,
+                 group_dim: int | None = None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam, group_dim=group_dim))
+
+    def _restart_state(self, group, state, w):
+        state["step"] = 0
+        state["alpha"] = 0.0
+        state["W0"] = w.clone()
+        state["V"] = torch.zeros_like(w)
+
+    def _update(self, group, state, w, g, layout, reg):
+        if not state:
+            self._restart_state(group, state, w)
+        state["step"] += 1
+        t = state["step"]
+        s = group["lr"] * math.sqrt(t)
+        state["alpha"] += s
+        state["V"].add_(g, alpha=s)
+        beta = math.sqrt(t)
+        w_tilde = reg.prox(state["W0"] - state["V"] / beta, state["alpha"] * group["lam"] / beta, layout)
+        c = group["momentum"]
+        if group["momentum_ramp"]:
+            c = min(c * math.sqrt(t), 1.0)
+        return w.lerp_(w_tilde, c)
