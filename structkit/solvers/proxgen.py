@@ -53,8 +53,8 @@ class ProxGen(StructuredOptimizer):
         tau = lr * group["lam"]
         if tau == 0:
             return z
-        tol = group["inner_tol"] / t ** (0.5 + group["inner_delta"]) * torch.linalg.vector_norm(D * z)
-        w_new, info = solve_subproblem(reg, z, D, tau, layout, warm_start=w, tol=tol,
+        rtol = group["inner_tol"] / t ** (0.5 + group["inner_delta"])
+        w_new, info = solve_subproblem(reg, z, D, tau, layout, warm_start=w, rtol=rtol,
                                        max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
         self._record(info, layout.num_groups)
         return w_new

@@ -22,7 +22,7 @@ class RAMDA(StructuredOptimizer):
         W_t = (1 - c_t) W_{t-1} + c_t \hat W_t
 
     The subproblem is solved by :func:`~structkit.solvers.subproblem.solve_subproblem` (exact when the
-    regularizer allows, else proximal gradient with the paper's stopping rule at tolerance
+    regularizer allows, else proximal gradient with the paper's stopping rule at relative tolerance
     ``inner_tol / t^(0.5 + inner_delta)``, relative to ``||P z||``). With ``lam = 0`` this is MADGRAD.
     ``c_t = momentum``, or ``min(momentum * sqrt(t), 1)`` in a stage started with ``momentum_ramp=True``
     (see :class:`~structkit.solvers.StageScheduler`), so the final iterate is ``W_hat`` and carries its
@@ -68,8 +68,8 @@ class RAMDA(StructuredOptimizer):
         if tau == 0:
             w_hat = z
         else:
-            tol = group["inner_tol"] / t ** (0.5 + group["inner_delta"]) * torch.linalg.vector_norm(P * z)
-            w_hat, info = solve_subproblem(reg, z, P, tau, layout, warm_start=w, tol=tol,
+            rtol = group["inner_tol"] / t ** (0.5 + group["inner_delta"])
+            w_hat, info = solve_subproblem(reg, z, P, tau, layout, warm_start=w, rtol=rtol,
                                            max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
             self._record(info, layout.num_groups)
         c = group["momentum"]

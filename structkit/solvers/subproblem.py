@@ -15,7 +15,7 @@ there is in general no closed form, so :func:`solve_subproblem`
    (per group, valid because psi is separable over groups; halved for non-convex psi), zeroing the groups
    that exact screening already proves zero, and stopping when the certificate
        ||(y_j - y_{j+1}) / theta||  >=  dist(0, dQ(y_{j+1})) / 2
-   falls below ``tol`` -- the paper's subgradient stopping rule -- or after ``max_iter`` iterations.
+   falls below ``rtol * ||d z||`` -- the paper's subgradient stopping rule -- or after ``max_iter`` iterations.
    Convergence is checked every ``check_every`` iterations only (one host sync each time).
    For non-convex psi the result is replaced by the warm start if Q did not decrease (Q(y) <= Q(y_prev)).
 """
@@ -47,19 +47,18 @@ def subproblem_objective(reg: Regularizer, y, z, d, tau, layout) -> torch.Tensor
 
 
 def solve_subproblem(reg: Regularizer, z: torch.Tensor, d: torch.Tensor, tau: float, layout: GroupLayout, *,
-                     warm_start: torch.Tensor, tol: float | torch.Tensor, max_iter: int = 100,
+                     warm_start: torch.Tensor, rtol: float, max_iter: int = 100,
                      check_every: int = 5, method: str = "auto") -> tuple[torch.Tensor, SubproblemInfo]:
-    """Approximately minimise ``Q`` (see the module docstring). ``tol`` is the absolute bound on the
-    prox-gradient residual; ``method`` is ``"auto"`` (exact when available), ``"exact"`` or ``"pg"``."""
+    """Approximately minimise ``Q`` (see the module docstring). The certificate must fall below
+    ``rtol * ||d z||`` (the subgradient scale of Q at 0, so the rule does not depend on units);
+    ``method`` is ``"auto"`` (exact when available), ``"exact"`` or ``"pg"``."""
     if method not in METHODS:
         raise ValueError(f"subproblem method must be one of {METHODS}, got {method!r}.")
     zero = z.new_zeros(())
     if method != "pg":
         exact = reg.prox_diag(z, d, tau, layout)
         if exact is not None:
-            screened = reg.screen(z, d, tau, layout)
-            n_screened = zero if screened is None else screened.sum().to(z.dtype)
-            return exact, SubproblemInfo(0, zero, n_screened, True)
+            return exact, SubproblemInfo(0, zero, zero, True)
         if method == "exact":
             raise ValueError(f"regularizer '{reg.name}' has no exact diagonal-metric solution; use method='pg' or 'auto'.")
 
@@ -72,6 +71,7 @@ def solve_subproblem(reg: Regularizer, z: torch.Tensor, d: torch.Tensor, tau: fl
     keep = None if screened is None else layout.expand((~screened).to(z.dtype))
     n_screened = zero if screened is None else screened.sum().to(z.dtype)
 
+    tol = rtol * torch.linalg.vector_norm(d * z)
     y = warm_start if keep is None else warm_start * keep
     residual, iters = zero, 0
     for j in range(max_iter):
