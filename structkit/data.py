@@ -1,0 +1,249 @@
+"""Built-in data sets, loaded offline, as normalised train/val/test tensors.
+
+Every loader returns a :class:`Splits`: three ``TensorDataset``\\ s of float32 inputs (normalised with the
+per-channel mean and std of the *training* split, so nothing leaks from validation or test) and int64 labels,
+plus the input shape and the number of classes that a model builder needs.
+
+Data sets are registered by name so that configs can refer to them::
+
+    splits = get_dataset("fashion_mnist", limit_train=5000)
+    train_loader, val_loader, test_loader = make_loaders(splits, batch_size=128, seed=0)
+
+Nothing here downloads at run time unless asked to (``fashion_mnist(download=True)``): the build and test
+machines have no network, see ``docs/DATA.md`` for the local copies.
+"""
+from __future__ import annotations
+
+import difflib
+import gzip
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+__all__ = ["Splits", "register_dataset", "get_dataset", "list_datasets", "fashion_mnist", "digits",
+           "make_loaders"]
+
+
+@dataclass(frozen=True)
+class Splits:
+    """A loaded data set: normalised float32 inputs and int64 labels for each split.
+
+    ``mean`` and ``std`` are the per-channel statistics (of pixel intensities scaled to [0, 1]) that the
+    inputs were normalised with; a deployed model needs them to preprocess raw images the same way.
+    """
+
+    train: TensorDataset
+    val: TensorDataset
+    test: TensorDataset
+    input_shape: tuple
+    num_classes: int
+    name: str
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+
+_DATASETS: dict[str, Callable[..., Splits]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Splits]], Callable[..., Splits]]:
+    """Decorator: make ``fn(**options) -> Splits`` available as ``get_dataset(name, **options)``."""
+    def decorator(fn: Callable[..., Splits]) -> Callable[..., Splits]:
+        if name in _DATASETS:
+            raise ValueError(f"a data set named {name!r} is already registered ({_DATASETS[name].__module__}."
+                             f"{_DATASETS[name].__qualname__}); pick another name.")
+        _DATASETS[name] = fn
+        return fn
+    return decorator
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`get_dataset`, sorted."""
+    return sorted(_DATASETS)
+
+
+def get_dataset(name: str, **options) -> Splits:
+    """Load the registered data set ``name``; ``options`` are passed to its loader."""
+    if name not in _DATASETS:
+        close = difflib.get_close_matches(name, list_datasets(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown data set {name!r}.{hint} Available: {', '.join(list_datasets())} "
+                         f"(register more with @structkit.data.register_dataset).")
+    return _DATASETS[name](**options)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a fraction strictly between 0 and 1; got {value}.")
+
+
+def _normalised_splits(name: str, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
+                       num_classes: int) -> Splits:
+    """Build :class:`Splits` from ``[0, 1]``-scaled images of shape (N, C, H, W), normalised per channel
+    with the training split's mean and std."""
+    train = images["train"]
+    mean = train.mean(axis=(0, 2, 3), dtype=np.float64)
+    std = train.std(axis=(0, 2, 3), dtype=np.float64)
+    shift = mean.astype(np.float32)[None, :, None, None]
+    scale = np.maximum(std, 1e-12).astype(np.float32)[None, :, None, None]
+
+    def dataset(split: str) -> TensorDataset:
+        x = torch.from_numpy(((images[split] - shift) / scale).astype(np.float32, copy=False))
+        y = torch.from_numpy(labels[split].astype(np.int64))
+        return TensorDataset(x, y)
+
+    return Splits(train=dataset("train"), val=dataset("val"), test=dataset("test"),
+                  input_shape=tuple(train.shape[1:]), num_classes=num_classes, name=name,
+                  mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+
+
+# --------------------------------------------------------------------------------------------------- Fashion-MNIST
+
+_FASHION_FILES = {  # (split, what) -> file name; the same names in the Debian package and torchvision's raw/
+    ("train", "images"): "train-images-idx3-ubyte.gz",
+    ("train", "labels"): "train-labels-idx1-ubyte.gz",
+    ("test", "images"): "t10k-images-idx3-ubyte.gz",
+    ("test", "labels"): "t10k-labels-idx1-ubyte.gz",
+}
+_IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes, 3 and 1 dimensions
+
+
+def _read_idx(path: Path, what: str, fix: str) -> np.ndarray:
+    """Read a gzip-compressed IDX file (big-endian header: magic, then one int32 size per dimension, then
+    unsigned bytes) and check that it is complete; corrupt files raise ``ValueError`` naming ``path``."""
+    def corrupt(problem: str) -> ValueError:
+        return ValueError(f"{path} is corrupt or truncated ({problem}). {fix}")
+
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise corrupt(f"gzip: {e}") from e
+    ndim = 3 if what == "images" else 1
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise corrupt(f"{len(raw)} bytes, shorter than the {header}-byte IDX header")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != _IDX_MAGIC[what]:
+        raise corrupt(f"magic number 0x{magic:08x}, expected 0x{_IDX_MAGIC[what]:08x} for IDX {what}")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise corrupt(f"{len(raw)} bytes, the header {shape} implies {expected}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_fashion_files(root: Path) -> dict[tuple[str, str], Path] | None:
+    """The four IDX files under ``root`` (Debian layout) or ``root/FashionMNIST/raw`` (torchvision layout)."""
+    for folder in (root, root / "FashionMNIST" / "raw"):
+        paths = {key: folder / name for key, name in _FASHION_FILES.items()}
+        if all(p.is_file() for p in paths.values()):
+            return paths
+    return None
+
+
+@register_dataset("fashion_mnist")
+def fashion_mnist(root: str | Path = "/usr/share/datasets/fashion-mnist", val_fraction: float = 0.1,
+                  seed: int = 0, limit_train: int | None = None, download: bool = False) -> Splits:
+    """Fashion-MNIST: 28x28 grey images of 10 kinds of clothing; input shape (1, 28, 28).
+
+    The official 10k test split is kept as is; the validation split is ``val_fraction`` of the 60k training
+    images, chosen by a permutation seeded with ``seed`` (both splits keep the file order, so
+    ``limit_train=n`` keeps the first ``n`` training images for quick runs and leaves validation unchanged).
+
+    The IDX files are read directly from ``root`` -- by default the Debian package ``dataset-fashion-mnist`` --
+    or from ``root/FashionMNIST/raw`` where torchvision puts them. ``download=True`` fetches them with
+    torchvision's downloader into ``root`` when they are missing (needs a network).
+    """
+    _check_fraction("val_fraction", val_fraction)
+    root = Path(root)
+    paths = _find_fashion_files(root)
+    if paths is None and download:
+        from torchvision.datasets import FashionMNIST
+        FashionMNIST(str(root), train=True, download=True)  # downloads all four files, keeps the .gz copies
+        paths = _find_fashion_files(root)
+    if paths is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX files ({', '.join(_FASHION_FILES.values())}) not found in {root} or "
+            f"{root / 'FashionMNIST' / 'raw'}. On Debian/Ubuntu run `apt-get install dataset-fashion-mnist` "
+            f"(installs them in /usr/share/datasets/fashion-mnist), or pass download=True to fetch them with "
+            f"torchvision into {root} (needs a network).")
+    fix = (f"Reinstall it (`apt-get install --reinstall dataset-fashion-mnist`), or delete it and call "
+           f"fashion_mnist(root={str(root)!r}, download=True) to fetch a fresh copy.")
+    arrays = {key: _read_idx(path, key[1], fix) for key, path in paths.items()}
+    for split in ("train", "test"):
+        n_images, n_labels = len(arrays[split, "images"]), len(arrays[split, "labels"])
+        if n_images != n_labels:
+            raise ValueError(f"{paths[split, 'images']} holds {n_images} images but {paths[split, 'labels']} "
+                             f"{n_labels} labels; the files come from different releases. {fix}")
+
+    n = len(arrays["train", "labels"])
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(val_fraction * n))
+    val_idx, train_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    if limit_train is not None:
+        if not 1 <= limit_train <= len(train_idx):
+            raise ValueError(f"limit_train must be between 1 and {len(train_idx)} (the training images left "
+                             f"after holding out validation); got {limit_train}.")
+        train_idx = train_idx[:limit_train]
+
+    def scaled(split: str, idx: np.ndarray | None = None) -> np.ndarray:
+        x = arrays[split, "images"] if idx is None else arrays[split, "images"][idx]
+        return (x.astype(np.float32) / 255.0)[:, None, :, :]
+
+    images = {"train": scaled("train", train_idx), "val": scaled("train", val_idx), "test": scaled("test")}
+    labels = {"train": arrays["train", "labels"][train_idx], "val": arrays["train", "labels"][val_idx],
+              "test": arrays["test", "labels"]}
+    return _normalised_splits("fashion_mnist", images, labels, num_classes=10)
+
+
+# --------------------------------------------------------------------------------------------------- 8x8 digits
+
+@register_dataset("digits")
+def digits(val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0) -> Splits:
+    """scikit-learn's 1,797 8x8 handwritten digits (no files needed); input shape (1, 8, 8).
+
+    Train, validation and test splits are stratified by class and seeded; the fractions are of the whole set.
+    This is the zero-setup data set for tests and examples.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    _check_fraction("val_fraction", val_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    if val_fraction + test_fraction >= 1.0:
+        raise ValueError(f"val_fraction + test_fraction must leave training data; got "
+                         f"{val_fraction} + {test_fraction} >= 1.")
+    data = load_digits()
+    x = (data.images.astype(np.float32) / 16.0)[:, None, :, :]  # pixel values are 0..16
+    y = data.target
+    x_rest, x_test, y_rest, y_test = train_test_split(x, y, test_size=test_fraction, stratify=y,
+                                                      random_state=seed)
+    x_train, x_val, y_train, y_val = train_test_split(x_rest, y_rest,
+                                                      test_size=val_fraction / (1.0 - test_fraction),
+                                                      stratify=y_rest, random_state=seed)
+    return _normalised_splits("digits", {"train": x_train, "val": x_val, "test": x_test},
+                              {"train": y_train, "val": y_val, "test": y_test}, num_classes=10)
+
+
+# --------------------------------------------------------------------------------------------------- loaders
+
+def make_loaders(splits: Splits, batch_size: int, *, seed: int = 0, eval_batch_size: int = 1024,
+                 sampler: Sampler | None = None) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """DataLoaders ``(train, val, test)`` over ``splits``.
+
+    The training loader shuffles with a ``torch.Generator`` seeded with ``seed``, so the batch order of a run
+    is reproducible; pass ``sampler`` (e.g. a ``DistributedSampler``, which has its own seed and
+    ``set_epoch``) to take over the order instead. Validation and test loaders keep the split's order.
+    ``num_workers=0``: the data are in-memory tensors, worker processes would only add start-up cost.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(splits.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                       generator=generator, num_workers=0)
+    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, num_workers=0)
+    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, num_workers=0)
+    return train, val, test
