@@ -21,6 +21,7 @@ import torch
 import torchvision
 
 from structkit.regularizers import get_regularizer
+from structkit.runtime import reuse_freed_memory
 from structkit.solvers import RAMDA, RMDA, ProxGen, ProxSGD
 from structkit.solvers.subproblem import solve_subproblem
 
@@ -62,8 +63,11 @@ def main():
     ap.add_argument("--lam", type=float, default=1e-4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--malloc-tuning", action="store_true",
+                    help="call structkit.runtime.reuse_freed_memory() first, as the CLI does")
     args = ap.parse_args()
     rounds = 5 if args.quick else args.rounds
+    tuned = reuse_freed_memory() if args.malloc_tuning else False
     device = torch.device(args.device)
     torch.manual_seed(0)
     arch = "resnet18" if args.quick else "resnet50"
@@ -117,6 +121,7 @@ def main():
     for method in ("exact", "pg"):
         sol, info = solve_subproblem(reg, z, P, tau, layout, warm_start=w,
                                      rtol=group["inner_tol"], method=method)
+        sol = sol.detach()
         err = torch.linalg.vector_norm(sol.double() - exact64) / torch.linalg.vector_norm(exact64)
         same_zeros = bool(((layout64.norms(sol.double()) == 0) == (layout64.norms(exact64) == 0)).all())
         accuracy.append({"method": method, "rel_error_vs_float64_exact": float(err), "inner_iters": info.iters,
@@ -124,9 +129,10 @@ def main():
 
     env = {"model": arch, "params": sum(p.numel() for p in base.parameters()), "device": str(device),
            "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds,
+           "malloc_tuning": tuned,
            "date": time.strftime("%Y-%m-%d")}
     print(f"# {arch} ({env['params'] / 1e6:.1f}M params) on {device} ({env['cpu']}, {env['threads']} threads), "
-          f"{rounds} rounds, median step time")
+          f"{rounds} rounds, median step time, malloc tuning {'on' if tuned else 'off'}")
     print("| solver | median step (ms) | x AdamW | mean / max inner iters |")
     print("|---|---|---|---|")
     for r in rows:

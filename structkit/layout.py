@@ -123,10 +123,11 @@ class GroupLayout:
         return self.sum(x * x).sqrt() if self.ids is not None else x.abs()
 
     def expand(self, v: torch.Tensor | float) -> torch.Tensor | float:
-        """Broadcast a per-group value to the entries of each group (scalars pass through)."""
-        if not isinstance(v, torch.Tensor) or v.dim() == 0 or self.ids is None:
+        """Broadcast a per-group value to the entries of each group: a new tensor, safe to change in place
+        (floats and 0-dim tensors pass through unchanged)."""
+        if not isinstance(v, torch.Tensor) or v.dim() == 0:
             return v
-        return v.index_select(0, self.ids)
+        return v.clone() if self.ids is None else v.index_select(0, self.ids)
 
     # ---- flat <-> tensors ----
     def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:

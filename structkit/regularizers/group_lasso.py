@@ -56,20 +56,20 @@ class GroupLasso(Regularizer):
         mu = lo.clone()
         rtol = 100 * torch.finfo(z.dtype).eps
         for k in range(self.newton_max_iter):
-            inv = 1 / (d + layout.expand(mu))
-            q = a2 * inv.square()
-            norm_y = layout.sum(q).sqrt()
+            inv = layout.expand(mu).add_(d).reciprocal_()   # 1 / (d + mu)
+            q = a2 * inv
+            norm_y = layout.sum(q.mul_(inv)).sqrt()           # ||y(mu)||
+            dphi = layout.sum(q.mul_(inv)) / norm_y.pow(3) - 1 / T
             phi = 1 / norm_y - mu / T
-            dphi = layout.sum(q * inv) / norm_y.pow(3) - 1 / T
             lo = torch.where(phi > 0, mu, lo)
             hi = torch.where(phi < 0, mu, hi)
             step = mu - phi / dphi
             bisect = torch.where(torch.isinf(hi), 2 * lo, (lo + hi) / 2)
-            new_mu = torch.where((step > lo) & (step < hi), step, bisect)
-            new_mu = torch.where(zero, mu, new_mu)
+            new_mu = torch.where(zero, mu, torch.where((step > lo) & (step < hi), step, bisect))
             done = (new_mu - mu).abs() <= rtol * mu
             mu = new_mu
             if (k + 1) % self.newton_check_every == 0 and bool(done.all()):
                 break
-        y = a / (d + layout.expand(mu))
-        return torch.where(layout.expand(zero), torch.zeros_like(y), y)
+        # y = d z / (d + mu); screened groups get mu = inf, i.e. y = 0
+        mu = torch.where(zero, torch.full_like(mu, math.inf), mu)
+        return a.div_(layout.expand(mu).add_(d))

@@ -41,6 +41,7 @@ class StructuredOptimizer(Optimizer):
         base = dict(regularizer="none", lam=0.0, group_dim=None, group_index=None, momentum_ramp=False)
         base.update(defaults)
         self._layouts: dict[int, tuple[dict, GroupLayout]] = {}
+        self._workspace: dict[int, dict[str, torch.Tensor]] = {}
         self._stats = self._empty_stats()
         super().__init__(params, base)
 
@@ -90,6 +91,11 @@ class StructuredOptimizer(Optimizer):
         else:
             indices = [reg.grouping] * len(params)
         layout = GroupLayout(shapes, indices, device=params[0].device, dtype=params[0].dtype)
+        live = {id(g) for g in self.param_groups}
+        for stale in [k for k in self._layouts if k not in live]:  # groups replaced by load_state_dict
+            del self._layouts[stale]
+            self._workspace.pop(stale, None)
+        self._workspace.pop(id(group), None)
         self._layouts[id(group)] = (group, layout)
         return layout
 
@@ -99,6 +105,16 @@ class StructuredOptimizer(Optimizer):
 
     def _flat_state(self, group: dict[str, Any]) -> dict[str, Any]:
         return self.state[group["params"][0]]
+
+    def _buffer(self, group: dict[str, Any], name: str, like: torch.Tensor) -> torch.Tensor:
+        """A persistent flat work buffer of the group's size (not state: never saved). Reusing buffers
+        instead of allocating large temporaries every step avoids page-faulting fresh memory each time."""
+        buffers = self._workspace.setdefault(id(group), {})
+        n = self._layout(group).numel
+        buf = buffers.get(name)
+        if buf is None or buf.numel() != n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = buffers[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf
 
     # ---- the step ----
     @torch.no_grad()
@@ -115,8 +131,9 @@ class StructuredOptimizer(Optimizer):
             if any(p.grad is not None and p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
             layout = self._layout(group)
-            w = layout.flatten(params)
-            g = layout.flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params])
+            w = torch.cat([p.reshape(-1) for p in params], out=self._buffer(group, "w", params[0]))
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            g = torch.cat([q.reshape(-1) for q in grads], out=self._buffer(group, "g", params[0]))
             new_w = self._update(group, self._flat_state(group), w, g, layout, get_regularizer(group["regularizer"]))
             torch._foreach_copy_(params, layout.split(new_w))
         self._stats["steps"] += 1

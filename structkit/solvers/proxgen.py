@@ -47,9 +47,9 @@ class ProxGen(StructuredOptimizer):
         beta1, beta2 = group["betas"]
         state["m"].lerp_(g, 1 - beta1)
         state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        D = (state["v"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
+        D = torch.div(state["v"], 1 - beta2 ** t, out=self._buffer(group, "D", w)).sqrt_().add_(group["eps"])
         lr = group["lr"]
-        z = torch.addcdiv(w, state["m"], D, value=-lr / (1 - beta1 ** t))
+        z = torch.addcdiv(w, state["m"], D, value=-lr / (1 - beta1 ** t), out=self._buffer(group, "z", w))
         tau = lr * group["lam"]
         if tau == 0:
             return z

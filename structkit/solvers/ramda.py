@@ -62,8 +62,8 @@ class RAMDA(StructuredOptimizer):
         V, U = state["V"], state["U"]
         V.add_(g, alpha=s)
         U.addcmul_(g, g, value=s)
-        P = U.pow(1 / 3).add_(group["eps"])
-        z = torch.addcdiv(state["W0"], V, P, value=-1)
+        P = torch.pow(U, 1 / 3, out=self._buffer(group, "P", w)).add_(group["eps"])
+        z = torch.addcdiv(state["W0"], V, P, value=-1, out=self._buffer(group, "z", w))
         tau = state["alpha"] * group["lam"]
         if tau == 0:
             w_hat = z
