@@ -1,0 +1,455 @@
+"""The run configuration: one pydantic schema for YAML files and Python.
+
+>>> cfg = load_config("configs/digits.yaml", overrides=["optimizer.lr=0.02", "structure.0.lam=1e-3"])
+>>> cfg = Config(model={"name": "mlp"}, data={"name": "digits"}, structure=[{"kind": "channels", "lam": 1e-3}])
+
+Every section rejects unknown keys; :func:`load_config` turns pydantic's errors into one :class:`ConfigError`
+whose lines name the field, the bad value and what is accepted (with the closest key for a misspelt one).
+``docs/configuration.md`` lists every field with its default.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import inspect
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .structure.rules import StructureRule
+
+__all__ = ["Config", "ModelConfig", "DataConfig", "OptimizerConfig", "ScheduleConfig", "PruneConfig",
+           "DeployConfig", "ConfigError", "load_config", "apply_overrides", "parse_yaml", "training_hash",
+           "TRAINING_SECTIONS"]
+
+#: the sections that decide the training trajectory; a checkpoint is only resumed under the same values
+TRAINING_SECTIONS = ("model", "data", "optimizer", "schedule", "structure")
+#: structure keys of a param group: they come from the structure rules, not from optimizer.options
+_STRUCTURE_KEYS = {"self", "params", "regularizer", "lam", "group_dim", "group_index"}
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every problem, one per line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """``model``: what to train."""
+
+    name: str = Field(description="a built-in model (structkit.models.list_models()), a torchvision "
+                                  "classification model name, or 'package.module:callable'")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model builder")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        from .models import list_models
+        if value in list_models() or ":" in value:
+            return value
+        import torchvision.models
+        known = list_models() + torchvision.models.list_models(module=torchvision.models)
+        if value not in known:
+            raise ValueError(f"unknown model {value!r}{_did_you_mean(value, known)}; use a built-in "
+                             f"({', '.join(list_models())}), a torchvision classification model name, or "
+                             f"'package.module:callable' for your own builder")
+        return value
+
+
+class DataConfig(_Section):
+    """``data``: which data set, and its loader options."""
+
+    name: str = Field(description="a registered data set (structkit.data.list_datasets())")
+    options: dict[str, Any] = Field(default_factory=dict,
+                                    description="keyword arguments of the data set loader (root, limit_train, ...)")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        from .data import list_datasets
+        known = list_datasets()
+        if value not in known:
+            raise ValueError(f"unknown data set {value!r}{_did_you_mean(value, known)}; registered: {', '.join(known)}")
+        return value
+
+
+class OptimizerConfig(_Section):
+    """``optimizer``: the solver, its hyperparameters and the stage milestones."""
+
+    name: str = Field("ramda", description="solver: ramda, rmda, proxsgd, proxgen, adamw, sgd")
+    lr: float | None = Field(None, description="learning rate; None = the solver's default")
+    momentum: float | None = Field(None, description="momentum / averaging weight; None = the solver's default")
+    lam: float | None = Field(None, description="default lam for structure rules that give none")
+    options: dict[str, Any] = Field(default_factory=dict, description="other keyword arguments of the solver")
+    milestones: list[int] = Field(default_factory=list,
+                                  description="epochs after which a new stage starts (restart; the last one ramps "
+                                              "the momentum to 1 so exact zeros appear)")
+    gamma: float = Field(0.1, description="lr (and eps) factor at each milestone")
+
+    @field_validator("name")
+    @classmethod
+    def _known_solver(cls, value: str) -> str:
+        from .solvers import list_solvers
+        key = value.lower()
+        if key not in list_solvers():
+            raise ValueError(f"unknown solver {value!r}{_did_you_mean(key, list_solvers())}; "
+                             f"accepted: {', '.join(list_solvers())}")
+        return key
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"lr must be a finite number > 0 (e.g. 0.01); got {value}")
+        return value
+
+    @field_validator("momentum")
+    @classmethod
+    def _unit_momentum(cls, value: float | None) -> float | None:
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"momentum must be in [0, 1] (0.1 is typical for ramda); got {value}")
+        return value
+
+    @field_validator("lam")
+    @classmethod
+    def _nonnegative_lam(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"lam must be a finite number >= 0 (e.g. 1.0e-4 .. 1.0e-3); got {value}")
+        return value
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(m <= 0 for m in value) or value != sorted(set(value)):
+            raise ValueError(f"milestones must be strictly increasing epoch numbers > 0 (e.g. [4] for 5 epochs); "
+                             f"got {value}")
+        return value
+
+    @field_validator("gamma")
+    @classmethod
+    def _positive_gamma(cls, value: float) -> float:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"gamma must be a number > 0 (0.1 is typical); got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _solver_accepts(self) -> OptimizerConfig:
+        from .solvers import get_solver
+        accepted = [p for p in inspect.signature(get_solver(self.name).__init__).parameters if p not in _STRUCTURE_KEYS]
+        if self.momentum is not None and "momentum" not in accepted:
+            raise ValueError(f"solver {self.name!r} takes no momentum; drop optimizer.momentum "
+                             f"(its hyperparameters: {', '.join(accepted)})")
+        for key in self.options:
+            if key in ("lr", "momentum"):
+                raise ValueError(f"give {key} as optimizer.{key}, not in optimizer.options")
+            if key in _STRUCTURE_KEYS:
+                raise ValueError(f"optimizer.options.{key} is not a solver option: regularizer, lam and groups come "
+                                 f"from the structure rules")
+            if key not in accepted:
+                raise ValueError(f"solver {self.name!r} has no option {key!r}{_did_you_mean(key, accepted)}; "
+                                 f"accepted: {', '.join(a for a in accepted if a not in ('lr', 'momentum'))}")
+        return self
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the solver class (unset lr/momentum fall back to the solver's defaults)."""
+        kwargs = dict(self.options)
+        if self.lr is not None:
+            kwargs["lr"] = self.lr
+        if self.momentum is not None:
+            kwargs["momentum"] = self.momentum
+        return kwargs
+
+
+class ScheduleConfig(_Section):
+    """``schedule``: how long and how to train."""
+
+    epochs: int = Field(5, description="training epochs")
+    batch_size: int = Field(128, description="training batch size")
+    eval_batch_size: int = Field(1024, description="batch size for evaluation and BatchNorm recalibration")
+    seed: int = Field(0, description="seed of model initialisation, batch order and recalibration batches")
+    bn_recalibration_batches: int = Field(20, description="training batches used to recompute BatchNorm "
+                                                          "statistics before every evaluation (0 = off)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forward under autocast, state in fp32")
+    threads: int | None = Field(None, description="torch intra-op threads for training and evaluation; null = "
+                                                  "torch's default (one per core)")
+
+    @field_validator("epochs", "batch_size", "eval_batch_size")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be an integer >= 1; got {value}")
+        return value
+
+    @field_validator("threads")
+    @classmethod
+    def _threads(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"threads must be an integer >= 1 or null (torch's default); got {value}")
+        return value
+
+    @field_validator("bn_recalibration_batches", "seed")
+    @classmethod
+    def _nonnegative(cls, value: int, info) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be an integer >= 0; got {value}")
+        return value
+
+
+class PruneConfig(_Section):
+    """``prune``: removing the exact zeros."""
+
+    round_to: int | None = Field(None, description="keep zero channels so every pruned width is a multiple of "
+                                                   "this (8 or 16 suit ONNX Runtime's convolutions); null = off")
+    verify_tol: float = Field(1e-4, description="max |slim - trained| output difference, relative to max(1, |out|)")
+    verify_examples: int = Field(256, description="validation examples used to verify the slim model")
+
+    @field_validator("round_to")
+    @classmethod
+    def _positive_round(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"round_to must be an integer >= 1 (e.g. 8 or 16) or null; got {value}")
+        return value
+
+    @field_validator("verify_tol")
+    @classmethod
+    def _nonnegative_tol(cls, value: float) -> float:
+        if not value >= 0:
+            raise ValueError(f"verify_tol must be >= 0; got {value}")
+        return value
+
+    @field_validator("verify_examples")
+    @classmethod
+    def _positive_examples(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"verify_examples must be >= 1; got {value}")
+        return value
+
+
+class DeployConfig(_Section):
+    """``deploy``: ONNX export and the ONNX Runtime latency protocol."""
+
+    opset: int = Field(18, description="ONNX opset version")
+    exporter: Literal["torchscript", "dynamo"] = Field("torchscript", description="torch.onnx exporter")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64], description="batch sizes to time")
+    threads: int = Field(2, description="ONNX Runtime intra-op threads (the same for both models)")
+    warmup: int = Field(20, description="untimed warm-up runs per model and batch size")
+    runs: int = Field(100, description="timed runs per model and batch size (dense and slim interleaved)")
+    graph_optimization: Literal["fastest", "all", "extended", "basic", "disabled"] = Field(
+        "fastest", description="ORT graph optimization level; fastest = each model at its faster of all/extended")
+
+    @field_validator("opset")
+    @classmethod
+    def _opset(cls, value: int) -> int:
+        if not 7 <= value <= 25:
+            raise ValueError(f"opset must be an ONNX opset between 7 and 25 (18 is a safe choice); got {value}")
+        return value
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batches(cls, value: list[int]) -> list[int]:
+        if not value or any(b < 1 for b in value):
+            raise ValueError(f"batch_sizes must be a non-empty list of integers >= 1 (e.g. [1, 64]); got {value}")
+        return value
+
+    @field_validator("threads", "runs")
+    @classmethod
+    def _positive(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be an integer >= 1; got {value}")
+        return value
+
+    @field_validator("warmup")
+    @classmethod
+    def _nonnegative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"warmup must be an integer >= 0; got {value}")
+        return value
+
+
+class Config(_Section):
+    """A whole run: ``model``, ``data``, ``structure`` are required; the other sections have defaults."""
+
+    model: ModelConfig
+    data: DataConfig
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    structure: list[StructureRule] = Field(description="structure rules (see structkit.structure.rules)")
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lam(cls, data: Any) -> Any:
+        """Rules without ``lam`` take ``optimizer.lam`` (when given)."""
+        if not isinstance(data, dict):
+            return data
+        optimizer, rules = data.get("optimizer"), data.get("structure")
+        lam = optimizer.get("lam") if isinstance(optimizer, dict) else getattr(optimizer, "lam", None)
+        if lam is not None and isinstance(rules, list):
+            data = {**data, "structure": [{**r, "lam": lam} if isinstance(r, dict) and "lam" not in r else r
+                                          for r in rules]}
+        return data
+
+    @field_validator("structure")
+    @classmethod
+    def _some_rules(cls, value: list[StructureRule]) -> list[StructureRule]:
+        if not value:
+            raise ValueError("structure needs at least one rule, e.g. {select: 'features.*', kind: channels, lam: 3.0e-4}")
+        return value
+
+    @model_validator(mode="after")
+    def _milestones_fit(self) -> Config:
+        late = [m for m in self.optimizer.milestones if m >= self.schedule.epochs]
+        if late:
+            raise ValueError(f"optimizer.milestones {self.optimizer.milestones} must all be < schedule.epochs "
+                             f"({self.schedule.epochs}): a milestone starts a new stage after that epoch")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON/YAML-ready); ``Config(**cfg.to_dict())`` gives the same config."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str, source: str = "<string>") -> Any:
+    """YAML text -> Python data (safe loader; ``1e-3`` is a float)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars or flow lists) to a copy of ``data``.
+    List items are addressed by index (``structure.0.lam=1e-3``); missing dict keys are created (and then
+    rejected by validation if the schema does not know them)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. --set optimizer.lr=0.01")
+        parts = key.strip().split(".")
+        value = parse_yaml(raw, f"--set {item!r}") if raw.strip() else None
+        node: Any = data
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            where = ".".join(parts[:depth + 1])
+            if isinstance(node, list):
+                if not (part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node)):
+                    raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth]) or 'config'} is a list of "
+                                      f"{len(node)} item(s); {part!r} is not an index of it")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth])} is a {type(node).__name__}, "
+                                  f"not a section; cannot set {where}")
+            if last:
+                node[part] = value
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides, validate. Raises :class:`ConfigError` (a ValueError)
+    or FileNotFoundError with a message that names the file, the field, the value and what is accepted."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} not found" + (" (it is a folder)" if path.is_dir() else "")
+                                + "; the examples are in configs/ (e.g. configs/digits.yaml)")
+    data = parse_yaml(path.read_text(), str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config is a mapping of sections (model, data, optimizer, schedule, structure, "
+                          f"prune, deploy), not a {type(data).__name__}")
+    return validate(apply_overrides(data, overrides or []), source=str(path))
+
+
+def validate(data: dict[str, Any], source: str = "config") -> Config:
+    """``Config.model_validate(data)`` with errors turned into one readable :class:`ConfigError`."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_errors(err, data, source)) from None
+
+
+def format_errors(err: ValidationError, data: Any, source: str = "config") -> str:
+    """One line per problem: ``field: bad value -> what is accepted`` (with did-you-mean for unknown keys)."""
+    lines = []
+    for e in err.errors():
+        loc = [p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        field = ".".join(str(p) for p in loc) or "config"
+        msg = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        kind = e["type"]
+        if kind == "extra_forbidden":
+            accepted = _accepted_keys(loc[:-1])
+            msg = f"unknown key{_did_you_mean(str(loc[-1]), accepted)}; accepted here: {', '.join(accepted)}"
+        elif kind == "missing":
+            msg = "required but missing"
+            if len(loc) == 1:
+                msg += f" (a config needs sections {', '.join(n for n, f in Config.model_fields.items() if f.is_required())})"
+        elif kind not in ("value_error", "assertion_error"):
+            msg = f"{msg}; got {_show(e.get('input'))}"
+        lines.append(f"  {field}: {msg}")
+    head = f"{source} is invalid ({len(lines)} problem{'s' if len(lines) > 1 else ''}):"
+    return "\n".join([head, *dict.fromkeys(lines)])
+
+
+def _accepted_keys(loc: list) -> list[str]:
+    """Field names of the section at ``loc`` (a path into Config)."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        model = next((a for a in (annotation, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def _did_you_mean(value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def training_hash(config: Config) -> str:
+    """Hash of the sections that decide the training trajectory (:data:`TRAINING_SECTIONS`)."""
+    data = {k: v for k, v in config.to_dict().items() if k in TRAINING_SECTIONS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,618 @@
+"""``structkit run``: config -> trained, verified, exported and measured slim model, in one output folder.
+
+Stages (each also a CLI command), and what each one leaves in the output folder ``out``::
+
+    train     checkpoints/epoch_NNNN.pt (atomic, one per epoch), metrics.jsonl, config.yaml, run_info.json
+    compress  slim.pt, results/compress.json   (recalibrate BN -> test accuracy -> GroupSet metrics -> prune
+                                                 (verified) -> slim test accuracy)
+    export    dense.onnx, slim.onnx, results/export.json   (each checked in ONNX Runtime against torch)
+    bench     results/bench.json                (ONNX Runtime latency, dense and slim interleaved)
+    (every stage then rewrites report.json, report.md and the plots from whatever results exist)
+
+Resuming (``resume=True``) continues from the last checkpoint: model, optimizer and stage-scheduler state,
+the torch / numpy / Python random states and the training loader's generator are restored, so a resumed run
+produces exactly the numbers of an uninterrupted one. A checkpoint is only resumed under the same training
+settings (:data:`structkit.config.TRAINING_SECTIONS`); prune and deploy settings may change.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from .config import TRAINING_SECTIONS, Config, apply_overrides, load_config, training_hash, validate
+from .training import evaluate, recalibrate_batchnorm, train_epoch
+
+__all__ = ["run", "train", "compress", "export", "bench", "inspect", "RunFolder", "Log"]
+
+CHECKPOINT_FORMAT = "structkit.checkpoint"
+_CKPT_RE = re.compile(r"^epoch_(\d{4,})\.pt$")
+#: later stages whose results a stage makes stale
+_DOWNSTREAM = {"train": ("compress", "export", "bench"), "compress": ("export", "bench"), "export": ("bench",),
+               "bench": ()}
+
+
+# ------------------------------------------------------------------------------------------------ small helpers
+
+class Log:
+    """Progress messages to stderr, silenced by ``quiet`` (errors and the final summary are printed by the CLI)."""
+
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr, flush=True)
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto
+    ``path``: a reader sees the old file or the complete new one, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (Path, torch.dtype, torch.device)):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "loader": generator.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["loader"])
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, value in data.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        return {k: v for i, value in enumerate(data) for k, v in _flat(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], sections=TRAINING_SECTIONS) -> list[str]:
+    """``key: old -> new`` for every training setting that differs between two config dicts."""
+    a = _flat({k: v for k, v in old.items() if k in sections})
+    b = _flat({k: v for k, v in new.items() if k in sections})
+    return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "<unset>") != b.get(k, "<unset>")]
+
+
+def git_commit() -> dict[str, Any] | None:
+    """The git commit (and whether the tree is dirty) of the structkit source, if it lives in a git checkout."""
+    where = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+    out = {}
+    for name in ("structkit", "torch", "torchvision", "torch-pruning", "onnx", "onnxruntime", "onnxscript", "numpy",
+                 "scikit-learn", "pydantic", "pyyaml", "matplotlib", "tqdm"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the folder
+
+class RunFolder:
+    """The output folder of one run: paths, checkpoints, stage results."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"the output folder {self.path} is a file; pass another --out")
+
+    # paths
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def results(self) -> Path:
+        return self.path / "results"
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def create(self) -> None:
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+            self.results.mkdir(exist_ok=True)
+        except OSError as err:
+            raise OSError(f"cannot create the output folder {self.path}: {err.strerror}; pass another --out") from None
+
+    # checkpoints
+    def checkpoint_files(self) -> list[tuple[int, Path]]:
+        if not self.checkpoints.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.checkpoints.iterdir() if (m := _CKPT_RE.match(p.name))]
+        return sorted(found)
+
+    def checkpoint_path(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:04d}.pt"
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated zip, pickle errors, ...: all mean the file is unusable
+            raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err}). Delete it "
+                               f"to resume from the previous checkpoint.") from None
+        if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
+            raise RuntimeError(f"{path} is not a structkit checkpoint; delete it or pass another --out.")
+        return state
+
+    def last_checkpoint(self) -> dict[str, Any] | None:
+        files = self.checkpoint_files()
+        return self.load_checkpoint(files[-1][1]) if files else None
+
+    # config
+    def saved_config(self, overrides: list[str] | None = None) -> Config:
+        path = self / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.path} holds no run (no config.yaml); run `structkit train CONFIG --out "
+                                    f"{self.path}` first.")
+        return load_config(path, overrides)
+
+    # stage results
+    def result(self, stage: str) -> dict[str, Any] | None:
+        path = self.results / f"{stage}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RuntimeError(f"{path} is corrupt ({err}); rerun `structkit {stage} {self.path}`.") from None
+
+    def save_result(self, stage: str, data: dict[str, Any]) -> None:
+        self.results.mkdir(parents=True, exist_ok=True)
+        for later in _DOWNSTREAM[stage]:  # what was computed from the old result is stale now
+            with contextlib.suppress(FileNotFoundError):
+                (self.results / f"{later}.json").unlink()
+        write_json(self.results / f"{stage}.json", data)
+
+    def require(self, stage: str, needed_by: str) -> dict[str, Any]:
+        data = self.result(stage)
+        if data is None:
+            raise FileNotFoundError(f"{self.path} has no {stage} results; run `structkit {stage} {self.path}` before "
+                                    f"`structkit {needed_by}`.")
+        return data
+
+    def record_invocation(self, command: str, config: Config | None = None) -> None:
+        path = self / "run_info.json"
+        info = json.loads(path.read_text()) if path.is_file() else {}
+        info.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        info["git"] = git_commit()
+        info["versions"] = package_versions()
+        info.setdefault("invocations", []).append(
+            {"command": command, "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+             "training_hash": training_hash(config) if config is not None else None})
+        write_json(path, info)
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+@dataclass
+class Setup:
+    """Everything built from a config before training: data, model, groups."""
+
+    config: Config
+    splits: Any
+    model: nn.Module
+    groupset: Any
+    example_inputs: torch.Tensor  # one small training batch: traces the model for the structure kinds
+    verify_inputs: torch.Tensor   # validation inputs: verify pruning and check the ONNX export
+
+
+def build(config: Config) -> Setup:
+    """Seed, load the data, build the model and its groups (deterministic for a given config)."""
+    from .data import get_dataset
+    from .models import get_model
+    from .structure import group_parameters
+
+    if config.schedule.threads is not None:
+        torch.set_num_threads(config.schedule.threads)
+    seed_everything(config.schedule.seed)
+    splits = get_dataset(config.data.name, **config.data.options)
+    model = get_model(config.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,
+                      **config.model.options)
+    example = _inputs(splits.train, 8)
+    verify = _inputs(splits.val, config.prune.verify_examples)
+    groupset = group_parameters(model, example, [r.model_dump() for r in config.structure])
+    return Setup(config, splits, model, groupset, example, verify)
+
+
+def _inputs(dataset, n: int) -> torch.Tensor:
+    n = min(n, len(dataset))
+    if hasattr(dataset, "tensors"):
+        return dataset.tensors[0][:n].clone()
+    return torch.stack([dataset[i][0] for i in range(n)])
+
+
+def _recalibration_batches(setup: Setup) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed random subset of training batches (seeded by ``schedule.seed``; the same at every call)."""
+    s = setup.config.schedule
+    if s.bn_recalibration_batches == 0:
+        return []
+    g = torch.Generator().manual_seed(s.seed + 1)
+    n = min(len(setup.splits.train), s.bn_recalibration_batches * s.batch_size)
+    idx = torch.randperm(len(setup.splits.train), generator=g)[:n].tolist()
+    return list(DataLoader(Subset(setup.splits.train, idx), batch_size=s.batch_size, shuffle=False))
+
+
+def make_solver(config: Config, groupset):
+    from .solvers import StageScheduler, get_solver
+    solver = get_solver(config.optimizer.name)(groupset.param_groups(), **config.optimizer.solver_kwargs())
+    scheduler = StageScheduler(solver, milestones=config.optimizer.milestones, gamma=config.optimizer.gamma)
+    return solver, scheduler
+
+
+def _solver_stats(solver) -> dict[str, Any]:
+    if hasattr(solver, "solver_stats"):
+        return solver.solver_stats(reset=True)
+    return {}
+
+
+def _sparsity(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if k != "layers"}
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | None = None) -> dict[str, Any]:
+    """Train (or continue training) into ``out``; returns the last epoch's record."""
+    from tqdm import tqdm
+
+    log = log or Log()
+    folder = RunFolder(out)
+    started = time.perf_counter()
+    checkpoint = _start(folder, config, resume, log)
+    folder.record_invocation("train", config)
+    setup = build(config)
+    model, groupset = setup.model, setup.groupset
+    solver, scheduler = make_solver(config, groupset)
+    from .data import make_loaders
+    s = config.schedule
+    train_loader, val_loader, _ = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size)
+    recal = _recalibration_batches(setup)
+    history: list[dict[str, Any]] = []
+    train_seconds = 0.0
+    start_epoch = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        solver.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        _set_rng_state(checkpoint["rng"], train_loader.generator)
+        history = checkpoint["history"]
+        train_seconds = checkpoint["train_seconds"]
+        start_epoch = checkpoint["epoch"]
+        log(f"resuming {folder.path} after epoch {start_epoch} of {s.epochs}")
+    else:
+        seed_everything(s.seed)  # the same random stream from here on, however long the set-up took
+        train_loader.generator.manual_seed(s.seed)
+    write_text(folder / "config.yaml", config.to_yaml())
+    log(f"model {config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+        f"{len(groupset)} groups; solver {config.optimizer.name}; {len(setup.splits.train):,} training examples")
+    train_seconds += time.perf_counter() - started
+
+    for epoch in range(start_epoch + 1, s.epochs + 1):
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{s.epochs}", disable=log.quiet, leave=True,
+                   file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+
+        def on_step(step: int, loss: float) -> None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        try:
+            train_loss = train_epoch(model, train_loader, solver, epoch=epoch, precision=s.precision, on_step=on_step)
+            lr = solver.param_groups[0]["lr"]
+            scheduler.step()
+            recalibrate_batchnorm(model, recal, s.precision)
+            val = evaluate(model, val_loader, s.precision)
+            metrics = groupset.metrics()
+            stats = _solver_stats(solver)
+            seconds = time.perf_counter() - t0
+            record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": val["accuracy"],
+                      "val_loss": val["loss"], **_sparsity(metrics), "lr": lr,
+                      "mean_inner_iters": stats.get("mean_inner_iters"), "max_inner_iters": stats.get("max_inner_iters"),
+                      "pg_solves": stats.get("pg_solves"), "screened_fraction": stats.get("screened_fraction"),
+                      "kept": {name: e["kept"] for name, e in metrics["layers"].items()},
+                      "epoch_seconds": seconds}
+            history.append(record)
+            train_seconds += seconds
+            _save_checkpoint(folder, epoch, config, model, solver, scheduler, train_loader.generator, history,
+                             train_seconds)
+            _write_metrics(folder, history)  # after the checkpoint: metrics.jsonl never runs ahead of it
+            wgs = metrics["weighted_group_sparsity"]
+            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['accuracy']:.3f}",
+                            wgs="-" if wgs is None else f"{wgs:.3f}",
+                            inner=f"{stats.get('mean_inner_iters', 0.0):.1f}", refresh=False)
+        finally:
+            bar.close()
+    if start_epoch == s.epochs:
+        log(f"training already complete ({s.epochs} epochs)")
+    _write_metrics(folder, history)
+    folder.save_result("train", {"epochs": s.epochs, "seconds": train_seconds, "final": history[-1] if history else None,
+                                 "solver": _solver_summary(config, history), "training_hash": training_hash(config)})
+    write_report(folder)
+    return history[-1]
+
+
+def _start(folder: RunFolder, config: Config, resume: bool, log: Log) -> dict[str, Any] | None:
+    """Check the folder against the request; return the checkpoint to resume from, if any."""
+    files = folder.checkpoint_files()
+    if files and not resume:
+        raise FileExistsError(f"{folder.path} already holds a run (checkpoints up to epoch {files[-1][0]}); pass "
+                              f"--resume to continue it, or another --out for a new run.")
+    folder.create()
+    if not files:
+        if resume:
+            log(f"no checkpoint in {folder.checkpoints}: starting from scratch")
+        return None
+    checkpoint = folder.load_checkpoint(files[-1][1])
+    if checkpoint["training_hash"] != training_hash(config):
+        diff = config_differences(checkpoint["config"], config.to_dict())
+        raise ValueError(f"cannot resume {folder.path}: its checkpoints were trained with other settings ("
+                         + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+                         + "). Use the same config, or another --out for a new run.")
+    return checkpoint
+
+
+def _save_checkpoint(folder: RunFolder, epoch: int, config: Config, model, solver, scheduler, generator, history,
+                     train_seconds: float) -> None:
+    state = {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": epoch, "model": model.state_dict(),
+             "optimizer": solver.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(generator),
+             "history": history, "train_seconds": train_seconds, "config": config.to_dict(),
+             "training_hash": training_hash(config)}
+    atomic_write(folder.checkpoint_path(epoch), lambda tmp: torch.save(state, tmp))
+
+
+def _write_metrics(folder: RunFolder, history: list[dict[str, Any]]) -> None:
+    write_text(folder / "metrics.jsonl", "".join(json.dumps(r, default=_json_default) + "\n" for r in history))
+
+
+def _solver_summary(config: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Inner-solver statistics over the whole training (from the per-epoch records, so resume-proof)."""
+    solves = sum(r.get("pg_solves") or 0 for r in history)
+    iters = sum((r.get("mean_inner_iters") or 0.0) * (r.get("pg_solves") or 0) for r in history)
+    return {"name": config.optimizer.name, "mean_inner_iters": iters / solves if solves else 0.0,
+            "max_inner_iters": max((r.get("max_inner_iters") or 0 for r in history), default=0),
+            "pg_solves": solves, "hyperparameters": config.optimizer.solver_kwargs(),
+            "milestones": config.optimizer.milestones, "gamma": config.optimizer.gamma}
+
+
+# ------------------------------------------------------------------------------------------------ later stages
+
+def _trained(folder: RunFolder, config: Config, stage: str) -> tuple[Setup, dict[str, Any]]:
+    """The set-up with the final trained weights loaded (training must be complete)."""
+    checkpoint = folder.last_checkpoint()
+    if checkpoint is None:
+        raise FileNotFoundError(f"{folder.path} has no checkpoint; run `structkit train CONFIG --out {folder.path}` "
+                                f"before `structkit {stage}`.")
+    if checkpoint["training_hash"] != training_hash(config):
+        diff = config_differences(checkpoint["config"], config.to_dict())
+        raise ValueError(f"{folder.path}: --set may only change prune and deploy settings here; these differ from "
+                         f"the training: " + "; ".join(diff[:8]))
+    if checkpoint["epoch"] < config.schedule.epochs:
+        raise RuntimeError(f"training in {folder.path} stopped after epoch {checkpoint['epoch']} of "
+                           f"{config.schedule.epochs}; finish it with `structkit train CONFIG --out {folder.path} "
+                           f"--resume` (or `structkit run ... --resume`).")
+    setup = build(config)
+    setup.model.load_state_dict(checkpoint["model"])
+    return setup, checkpoint
+
+
+def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | None = None) -> dict[str, Any]:
+    """Recalibrate BatchNorm, measure the trained model, prune it (verified), measure the slim model."""
+    from .data import make_loaders
+    from .prune import prune, save_slim
+
+    log = log or Log()
+    t0 = time.perf_counter()
+    folder = RunFolder(out)
+    config = _stage_config(folder, overrides)
+    folder.record_invocation("compress", config)
+    setup, _ = _trained(folder, config, "compress")
+    s = config.schedule
+    _, _, test_loader = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size)
+    model = setup.model
+    recalibrate_batchnorm(model, _recalibration_batches(setup), s.precision)
+    trained = evaluate(model, test_loader, s.precision)
+    metrics = setup.groupset.metrics()
+    slim, report = prune(model, setup.groupset, setup.verify_inputs, round_to=config.prune.round_to,
+                         verify_tol=config.prune.verify_tol)
+    slim_eval = evaluate(slim, test_loader, s.precision)
+    atomic_write(folder / "slim.pt", lambda tmp: save_slim(slim, tmp))
+    result = {"accuracy": {"trained": trained["accuracy"], "slim": slim_eval["accuracy"]},
+              "loss": {"trained": trained["loss"], "slim": slim_eval["loss"]},
+              "sparsity": _sparsity(metrics), "layers": metrics["layers"], "prune": report.to_dict(),
+              "seconds": time.perf_counter() - t0}
+    folder.save_result("compress", result)
+    log(f"pruned: {report.summary()}")
+    log(f"test accuracy: trained {trained['accuracy']:.4f}, slim {slim_eval['accuracy']:.4f}")
+    write_report(folder)
+    return result
+
+
+def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | None = None) -> dict[str, Any]:
+    """Export the trained (dense) and slim models to ONNX, each checked against torch in ONNX Runtime."""
+    from .deploy import export_onnx
+    from .prune import load_slim
+
+    log = log or Log()
+    t0 = time.perf_counter()
+    folder = RunFolder(out)
+    config = _stage_config(folder, overrides)
+    folder.record_invocation("export", config)
+    folder.require("compress", "export")
+    setup, _ = _trained(folder, config, "export")
+    slim = load_slim(folder / "slim.pt")
+    d = config.deploy
+    inputs = setup.verify_inputs[:64]
+    result = {}
+    for name, model in (("dense", setup.model), ("slim", slim)):
+        result[name] = export_onnx(model, inputs, folder / f"{name}.onnx", opset=d.opset, exporter=d.exporter)
+        result[name]["path"] = f"{name}.onnx"
+        log(f"exported {name}.onnx ({result[name]['bytes']:,} bytes; max |ORT - torch| "
+            f"{result[name]['max_abs_diff']:.2g})")
+    result["seconds"] = time.perf_counter() - t0
+    folder.save_result("export", result)
+    write_report(folder)
+    return result
+
+
+def bench(out: str | Path, *, overrides: list[str] | None = None, log: Log | None = None) -> dict[str, Any]:
+    """ONNX Runtime latency of dense.onnx and slim.onnx (see structkit.deploy.measure_latency)."""
+    from .data import get_dataset
+    from .deploy import environment, measure_latency
+
+    log = log or Log()
+    t0 = time.perf_counter()
+    folder = RunFolder(out)
+    config = _stage_config(folder, overrides)
+    folder.record_invocation("bench", config)
+    folder.require("export", "bench")
+    splits = get_dataset(config.data.name, **config.data.options)
+    images = _inputs(splits.test, max(config.deploy.batch_sizes)).numpy()
+
+    def make_inputs(batch: int) -> dict[str, np.ndarray]:
+        reps = math.ceil(batch / len(images))
+        return {"input": np.ascontiguousarray(np.concatenate([images] * reps)[:batch])}
+
+    d = config.deploy
+    log(f"timing dense.onnx and slim.onnx at batch {', '.join(map(str, d.batch_sizes))} "
+        f"({d.threads} threads, {d.warmup} warm-up + {d.runs} timed runs, interleaved)")
+    latency = measure_latency({"dense": folder / "dense.onnx", "slim": folder / "slim.onnx"}, make_inputs,
+                              d.batch_sizes, threads=d.threads, warmup=d.warmup, runs=d.runs,
+                              graph_optimization=d.graph_optimization)
+    env = environment()
+    env["torch_threads"] = torch.get_num_threads()
+    result = {"latency": latency, "environment": env, "seconds": time.perf_counter() - t0}
+    folder.save_result("bench", result)
+    for batch in map(str, d.batch_sizes):
+        row = latency[batch]
+        log(f"batch {batch}: dense {row['dense_p50_ms']:.3f} ms, slim {row['slim_p50_ms']:.3f} ms (p50) -> "
+            f"{row['speedup']:.2f}x")
+    write_report(folder)
+    return result
+
+
+def _stage_config(folder: RunFolder, overrides: list[str] | None) -> Config:
+    config = folder.saved_config(overrides)
+    if overrides:
+        write_text(folder / "config.yaml", config.to_yaml())
+    return config
+
+
+def write_report(folder: RunFolder) -> dict[str, Any]:
+    from .report import build_report, write_report_files
+    report = build_report(folder)
+    write_report_files(folder, report)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ run / inspect
+
+def run(config: Config | dict | str | Path, out: str | Path, *, resume: bool = False, overrides: list[str] | None = None,
+        log: Log | None = None) -> dict[str, Any]:
+    """The whole pipeline: train -> compress -> export -> bench -> report. Returns the report (report.json)."""
+    config = _as_config(config, overrides)
+    log = log or Log()
+    with quiet_warnings(log.quiet):
+        train(config, out, resume=resume, log=log)
+        compress(out, log=log)
+        export(out, log=log)
+        bench(out, log=log)
+    return json.loads((Path(out) / "report.json").read_text())
+
+
+def inspect(config: Config | dict | str | Path, overrides: list[str] | None = None) -> str:
+    """The config (YAML) and the table of groups its structure rules give on its model."""
+    config = _as_config(config, overrides)
+    setup = build(config)
+    params = sum(p.numel() for p in setup.model.parameters())
+    return (f"# config\n{config.to_yaml()}\n# model {config.model.name}: {params:,} parameters\n"
+            f"# groups\n{setup.groupset.describe()}")
+
+
+def _as_config(config: Config | dict | str | Path, overrides: list[str] | None = None) -> Config:
+    if isinstance(config, (Config, dict)):
+        data = config.to_dict() if isinstance(config, Config) else config
+        return validate(apply_overrides(data, overrides or []))
+    return load_config(config, overrides)
+
+
+@contextlib.contextmanager
+def quiet_warnings(quiet: bool):
+    if not quiet:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+

@@ -1,0 +1,132 @@
+"""The run configuration: every shipped config validates; bad values give one clear message per problem."""
+from pathlib import Path
+
+import pytest
+
+from structkit.config import Config, ConfigError, apply_overrides, load_config, parse_yaml, training_hash
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+
+
+def test_configs_folder_is_not_empty():
+    names = {p.name for p in CONFIGS}
+    assert {"digits.yaml", "quickstart.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_config(path)
+    assert config.structure, "a config without structure rules trains nothing to prune"
+    assert all(m < config.schedule.epochs for m in config.optimizer.milestones)
+
+
+def test_python_and_yaml_front_doors_give_the_same_config():
+    from_yaml = load_config(DIGITS)
+    from_python = Config(**parse_yaml(DIGITS.read_text()))
+    assert from_python == from_yaml
+    assert Config(**from_yaml.to_dict()) == from_yaml
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    config = load_config(DIGITS, ["optimizer.lr=2e-2", "structure.0.lam=1e-3", "prune.round_to=8",
+                                  "deploy.batch_sizes=[1, 256]", "schedule.precision=bf16"])
+    assert config.optimizer.lr == 0.02
+    assert config.structure[0].lam == 1e-3
+    assert config.prune.round_to == 8
+    assert config.deploy.batch_sizes == [1, 256]
+    assert config.schedule.precision == "bf16"
+    assert load_config(DIGITS, ["prune.round_to=null"]).prune.round_to is None
+
+
+def test_overrides_do_not_touch_the_input():
+    data = {"a": {"b": 1}, "rules": [{"lam": 1}]}
+    out = apply_overrides(data, ["a.b=2", "rules.0.lam=3", "a.c.d=4"])
+    assert out == {"a": {"b": 2, "c": {"d": 4}}, "rules": [{"lam": 3}]}
+    assert data == {"a": {"b": 1}, "rules": [{"lam": 1}]}
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optimizer", "expected key.path=value"),
+    ("structure.5.lam=1", "not an index"),
+    ("optimizer.lr.x=1", "not a section"),
+])
+def test_malformed_overrides_are_explained(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(DIGITS, [override])
+
+
+def test_optimizer_lam_is_the_default_of_rules_without_one():
+    data = parse_yaml(DIGITS.read_text())
+    del data["structure"][0]["lam"]
+    data["optimizer"]["lam"] = 7e-4
+    assert Config(**data).structure[0].lam == 7e-4
+    data["structure"][0]["lam"] = 1e-3  # a rule's own lam wins
+    assert Config(**data).structure[0].lam == 1e-3
+
+
+def _error(overrides, path=DIGITS) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("override, expected", [
+    # unknown keys: the closest valid key is suggested
+    ("schedule.epoch=3", ["schedule.epoch", "unknown key", "did you mean 'epochs'"]),
+    ("optimiser.lr=0.1", ["optimiser", "did you mean 'optimizer'"]),
+    ("structure.0.lamb=1e-3", ["structure.0.lamb", "did you mean 'lam'"]),
+    ("optimizer.options.momentun=0.1", ["momentun", "did you mean 'momentum'"]),
+    # bad values: the field, the value and what is accepted
+    ("structure.0.lam=-1e-3", ["structure.0.lam", "-0.001", ">= 0"]),
+    ("structure.0.lam=abc", ["structure.0.lam", "'abc'", "valid number"]),
+    ("schedule.batch_size=0", ["schedule.batch_size", "got 0", ">= 1"]),
+    ("optimizer.milestones=[4, 2]", ["optimizer.milestones", "[4, 2]", "strictly increasing"]),
+    ("optimizer.milestones=[9]", ["milestones", "< schedule.epochs"]),
+    ("optimizer.name=ramdaa", ["optimizer.name", "'ramdaa'", "did you mean 'ramda'", "proxsgd"]),
+    ("optimizer.lr=-1", ["optimizer.lr", "> 0"]),
+    ("optimizer.momentum=2", ["optimizer.momentum", "[0, 1]"]),
+    ("schedule.precision=fp16", ["schedule.precision", "'fp32' or 'bf16'", "'fp16'"]),
+    ("structure.0.kind=channel", ["structure.0.kind", "did you mean 'channels'"]),
+    ("structure.0.regularizer=group_laso", ["did you mean 'group_lasso'"]),
+    ("model.name=cnnn", ["model.name", "did you mean 'cnn'"]),
+    ("data.name=digit", ["data.name", "did you mean 'digits'"]),
+    ("deploy.exporter=tracing", ["deploy.exporter", "'torchscript' or 'dynamo'"]),
+    ("structure=[]", ["structure", "at least one rule"]),
+])
+def test_bad_values_name_field_value_and_accepted(override, expected):
+    message = _error([override])
+    for part in expected:
+        assert part.lower() in message.lower(), f"{part!r} missing from:\n{message}"
+
+
+def test_every_problem_is_reported_at_once():
+    message = _error(["schedule.batch_size=0", "optimizer.lr=-1"])
+    assert "2 problems" in message and "batch_size" in message and "optimizer.lr" in message
+
+
+def test_solver_options_are_checked_against_the_solver():
+    assert "has no option 'betas'" in _error(["optimizer.options.betas=[0.9, 0.99]"])
+    assert "takes no momentum" in _error(["optimizer.name=adamw"])
+    ok = load_config(DIGITS, ["optimizer.name=proxgen", "optimizer.momentum=null", "optimizer.options.betas=[0.9, 0.99]"])
+    assert ok.optimizer.solver_kwargs() == {"lr": 0.01, "betas": [0.9, 0.99]}
+
+
+def test_missing_sections_and_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {name: digits}\n")
+    message = _error([], bad)
+    assert "model: required but missing" in message and "structure: required but missing" in message
+    bad.write_text("- just\n- a list\n")
+    assert "mapping of sections" in _error([], bad)
+    bad.write_text("model: [unclosed\n")
+    assert "not valid YAML" in _error([], bad)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_training_hash_covers_training_settings_only():
+    base = training_hash(load_config(DIGITS))
+    assert training_hash(load_config(DIGITS, ["deploy.runs=7", "prune.round_to=8"])) == base
+    assert training_hash(load_config(DIGITS, ["structure.0.lam=1e-3"])) != base
+    assert training_hash(load_config(DIGITS, ["schedule.seed=1"])) != base
