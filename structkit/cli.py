@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -54,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.debug:
             raise
-        print(f"structkit: error: {err}", file=sys.stderr)
-        print("(run again with --debug for the traceback)", file=sys.stderr)
+        if distributed.rank() == 0:  # under torchrun every rank meets the same error: say it once
+            print(f"structkit: error: {err}", file=sys.stderr)
+            print("(run again with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        distributed.finish()
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -69,14 +73,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(pipeline.inspect(args.config, args.overrides))
         return 0
     if args.command in ("run", "train"):
+        from . import distributed
+        distributed.init()  # joins torchrun's process group when there is one (a no-op otherwise)
         config = pipeline.load_config(args.config, args.overrides)
         out = args.out or Path("runs") / args.config.stem
         if args.command == "train":
             with pipeline.quiet_warnings(args.quiet):
                 pipeline.train(config, out, resume=args.resume, log=log)
-            print(f"structkit: trained {out} ({time.perf_counter() - started:.0f} s)")
+            if distributed.is_main():
+                print(f"structkit: trained {out} ({time.perf_counter() - started:.0f} s)")
             return 0
         report = pipeline.run(config, out, resume=args.resume, log=log)
+        if not distributed.is_main():
+            return 0
         print(summary_line(report) + f" (this command: {time.perf_counter() - started:.0f} s); report: {out / 'report.md'}")
         return 0
     stage = getattr(pipeline, args.command)

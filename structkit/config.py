@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .structure.rules import StructureRule
 
 __all__ = ["Config", "ModelConfig", "DataConfig", "OptimizerConfig", "ScheduleConfig", "PruneConfig",
-           "DeployConfig", "ConfigError", "load_config", "apply_overrides", "parse_yaml", "training_hash",
-           "TRAINING_SECTIONS"]
+           "DeployConfig", "ConfigError", "load_config", "validate", "apply_overrides", "parse_yaml", "training_hash",
+           "training_view", "TRAINING_SECTIONS"]
 
 #: the sections that decide the training trajectory; a checkpoint is only resumed under the same values
 TRAINING_SECTIONS = ("model", "data", "optimizer", "schedule", "structure")
@@ -39,6 +39,36 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info) -> Any:
+        """YAML ``true``/``false`` is not a number (pydantic would read it as 1/0)."""
+        if isinstance(value, bool) and info.field_name in cls.model_fields:
+            annotation = cls.model_fields[info.field_name].annotation
+            args = set(getattr(annotation, "__args__", ()) or (annotation,))
+            if args & {int, float} and bool not in args:
+                raise ValueError(f"{info.field_name} must be a number, not the boolean {str(value).lower()}")
+        return value
+
+
+def _check_options(builder: Any, options: dict[str, Any], what: str, given_by: dict[str, str]) -> None:
+    """Reject keys of ``options`` that ``builder`` does not take (when its signature says so), naming the closest."""
+    for key, source in given_by.items():
+        if key in options:
+            raise ValueError(f"{what}.options.{key} is set by {source}; drop it")
+    try:
+        params = inspect.signature(builder).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if n not in given_by
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key in options:
+        if key not in accepted:
+            raise ValueError(f"{what}.options: {builder.__name__}() has no option {key!r}"
+                             f"{_did_you_mean(key, accepted)}; accepted: {', '.join(accepted) or 'none'}")
 
 
 class ModelConfig(_Section):
@@ -62,6 +92,14 @@ class ModelConfig(_Section):
                              f"'package.module:callable' for your own builder")
         return value
 
+    @model_validator(mode="after")
+    def _known_options(self) -> ModelConfig:
+        from .models import _MODELS
+        if self.name in _MODELS:
+            _check_options(_MODELS[self.name], self.options, "model",
+                           {"input_shape": "the data set", "num_classes": "the data set"})
+        return self
+
 
 class DataConfig(_Section):
     """``data``: which data set, and its loader options."""
@@ -78,6 +116,13 @@ class DataConfig(_Section):
         if value not in known:
             raise ValueError(f"unknown data set {value!r}{_did_you_mean(value, known)}; registered: {', '.join(known)}")
         return value
+
+    @model_validator(mode="after")
+    def _known_options(self) -> DataConfig:
+        from .data import _DATASETS
+        if self.name in _DATASETS:
+            _check_options(_DATASETS[self.name], self.options, "data", {})
+        return self
 
 
 class OptimizerConfig(_Section):
@@ -302,6 +347,10 @@ class Config(_Section):
     def _some_rules(cls, value: list[StructureRule]) -> list[StructureRule]:
         if not value:
             raise ValueError("structure needs at least one rule, e.g. {select: 'features.*', kind: channels, lam: 3.0e-4}")
+        for i, rule in enumerate(value):
+            if not rule.select.strip() or rule.select.strip() == "re:":
+                raise ValueError(f"structure.{i}.select is empty ({rule.select!r}); give a glob over module names "
+                                 f"('*' = every module, 'features.*'), or 're:<regex>'")
         return value
 
     @model_validator(mode="after")
@@ -417,7 +466,8 @@ def format_errors(err: ValidationError, data: Any, source: str = "config") -> st
                 msg += f" (a config needs sections {', '.join(n for n, f in Config.model_fields.items() if f.is_required())})"
         elif kind not in ("value_error", "assertion_error"):
             msg = f"{msg}; got {_show(e.get('input'))}"
-        lines.append(f"  {field}: {msg}")
+        # a model-level check names its own field (e.g. "structure.0.select is empty"): do not repeat the section
+        lines.append(f"  {msg}" if loc and msg.startswith(f"{field}.") else f"  {field}: {msg}")
     head = f"{source} is invalid ({len(lines)} problem{'s' if len(lines) > 1 else ''}):"
     return "\n".join([head, *dict.fromkeys(lines)])
 
@@ -449,7 +499,15 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def training_view(data: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config dict that decides the training trajectory: :data:`TRAINING_SECTIONS`, without
+    ``schedule.threads`` (a thread count may change the last bits of a sum, not the run)."""
+    view = {k: v for k, v in data.items() if k in TRAINING_SECTIONS}
+    if isinstance(view.get("schedule"), dict):
+        view["schedule"] = {k: v for k, v in view["schedule"].items() if k != "threads"}
+    return view
+
+
 def training_hash(config: Config) -> str:
-    """Hash of the sections that decide the training trajectory (:data:`TRAINING_SECTIONS`)."""
-    data = {k: v for k, v in config.to_dict().items() if k in TRAINING_SECTIONS}
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of :func:`training_view`: a checkpoint is only resumed under the same value."""
+    return hashlib.sha256(json.dumps(training_view(config.to_dict()), sort_keys=True).encode()).hexdigest()[:16]

@@ -36,8 +36,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from .config import TRAINING_SECTIONS, Config, apply_overrides, load_config, training_hash, validate
-from .training import evaluate, recalibrate_batchnorm, train_epoch
+from .config import Config, ConfigError, apply_overrides, load_config, training_hash, training_view, validate
+from . import distributed
+from .training import NonFiniteError, evaluate, recalibrate_batchnorm, train_epoch
 
 __all__ = ["run", "train", "compress", "export", "bench", "inspect", "RunFolder", "Log"]
 
@@ -121,10 +122,9 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], sections=TRAINING_SECTIONS) -> list[str]:
-    """``key: old -> new`` for every training setting that differs between two config dicts."""
-    a = _flat({k: v for k, v in old.items() if k in sections})
-    b = _flat({k: v for k, v in new.items() if k in sections})
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every training setting (:func:`~structkit.config.training_view`) that differs."""
+    a, b = _flat(training_view(old)), _flat(training_view(new))
     return [f"{k}: {a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r}" for k in sorted(set(a) | set(b))
             if a.get(k, "<unset>") != b.get(k, "<unset>")]
 
@@ -276,13 +276,32 @@ def build(config: Config) -> Setup:
     if config.schedule.threads is not None:
         torch.set_num_threads(config.schedule.threads)
     seed_everything(config.schedule.seed)
-    splits = get_dataset(config.data.name, **config.data.options)
-    model = get_model(config.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                      **config.model.options)
+    with _naming(f"data (name {config.data.name!r}, options {config.data.options})"):
+        splits = get_dataset(config.data.name, **config.data.options)
+    with _naming(f"model (name {config.model.name!r}, options {config.model.options})"):
+        model = get_model(config.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,
+                          **config.model.options)
     example = _inputs(splits.train, 8)
     verify = _inputs(splits.val, config.prune.verify_examples)
-    groupset = group_parameters(model, example, [r.model_dump() for r in config.structure])
+    with _naming("structure"):
+        groupset = group_parameters(model, example, [r.model_dump() for r in config.structure])
     return Setup(config, splits, model, groupset, example, verify)
+
+
+_PLAIN_ERRORS = (ValueError, TypeError, RuntimeError, ImportError, ModuleNotFoundError, OSError, FileNotFoundError,
+                 PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+@contextlib.contextmanager
+def _naming(what: str):
+    """Prefix a user-facing error raised while building from a config section with that section's name."""
+    try:
+        yield
+    except _PLAIN_ERRORS as err:
+        if str(err).startswith(what.split(" ")[0] + ":"):
+            raise
+        new = type(err)(f"{what}: {err}") if type(err) in _PLAIN_ERRORS else ConfigError(f"{what}: {err}")
+        raise new from err
 
 
 def _inputs(dataset, n: int) -> torch.Tensor:
@@ -326,17 +345,29 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
     """Train (or continue training) into ``out``; returns the last epoch's record."""
     from tqdm import tqdm
 
-    log = log or Log()
+    main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
+    log = (log or Log()) if main else Log(quiet=True)
     folder = RunFolder(out)
     started = time.perf_counter()
     checkpoint = _start(folder, config, resume, log)
-    folder.record_invocation("train", config)
+    distributed.barrier()
+    if main:
+        folder.record_invocation("train", config)
     setup = build(config)
     model, groupset = setup.model, setup.groupset
     solver, scheduler = make_solver(config, groupset)
     from .data import make_loaders
     s = config.schedule
     train_loader, val_loader, _ = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size)
+    step_model: nn.Module = model
+    if distributed.is_distributed():  # this rank's share of every global batch; DDP averages the gradients
+        train_loader = DataLoader(setup.splits.train, num_workers=0, generator=train_loader.generator,
+                                  batch_sampler=distributed.ShardedBatchSampler(
+                                      len(setup.splits.train), s.batch_size, distributed.rank(),
+                                      distributed.world_size(), train_loader.generator))
+        step_model = nn.parallel.DistributedDataParallel(model)
+        log(f"distributed: {distributed.world_size()} processes ({torch.distributed.get_backend()}), global batch "
+            f"{s.batch_size}")
     recal = _recalibration_batches(setup)
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
@@ -353,7 +384,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
     else:
         seed_everything(s.seed)  # the same random stream from here on, however long the set-up took
         train_loader.generator.manual_seed(s.seed)
-    write_text(folder / "config.yaml", config.to_yaml())
+    if main:
+        write_text(folder / "config.yaml", config.to_yaml())
     log(f"model {config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{len(groupset)} groups; solver {config.optimizer.name}; {len(setup.splits.train):,} training examples")
     train_seconds += time.perf_counter() - started
@@ -369,7 +401,14 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         try:
-            train_loss = train_epoch(model, train_loader, solver, epoch=epoch, precision=s.precision, on_step=on_step)
+            try:
+                train_loss = train_epoch(step_model, train_loader, solver, epoch=epoch, precision=s.precision,
+                                         on_step=on_step)
+            except NonFiniteError as err:
+                files = folder.checkpoint_files()
+                kept = (f"the last good checkpoint {files[-1][1]} (epoch {files[-1][0]}) is kept" if files
+                        else "no epoch completed, so there is no checkpoint")
+                raise NonFiniteError(f"{err} ({kept})", err.epoch, err.step) from None
             lr = solver.param_groups[0]["lr"]
             scheduler.step()
             recalibrate_batchnorm(model, recal, s.precision)
@@ -385,9 +424,10 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
                       "epoch_seconds": seconds}
             history.append(record)
             train_seconds += seconds
-            _save_checkpoint(folder, epoch, config, model, solver, scheduler, train_loader.generator, history,
-                             train_seconds)
-            _write_metrics(folder, history)  # after the checkpoint: metrics.jsonl never runs ahead of it
+            if main:
+                _save_checkpoint(folder, epoch, config, model, solver, scheduler, train_loader.generator, history,
+                                 train_seconds)
+                _write_metrics(folder, history)  # after the checkpoint: metrics.jsonl never runs ahead of it
             wgs = metrics["weighted_group_sparsity"]
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['accuracy']:.3f}",
                             wgs="-" if wgs is None else f"{wgs:.3f}",
@@ -396,6 +436,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
             bar.close()
     if start_epoch == s.epochs:
         log(f"training already complete ({s.epochs} epochs)")
+    if not main:
+        return history[-1]
     _write_metrics(folder, history)
     folder.save_result("train", {"epochs": s.epochs, "seconds": train_seconds, "final": history[-1] if history else None,
                                  "solver": _solver_summary(config, history), "training_hash": training_hash(config)})
@@ -410,6 +452,9 @@ def _start(folder: RunFolder, config: Config, resume: bool, log: Log) -> dict[st
         raise FileExistsError(f"{folder.path} already holds a run (checkpoints up to epoch {files[-1][0]}); pass "
                               f"--resume to continue it, or another --out for a new run.")
     folder.create()
+    if distributed.is_main():  # a killed process's unfinished atomic writes: never complete files
+        for stale in [*folder.path.glob(".*.tmp"), *folder.checkpoints.glob(".*.tmp")]:
+            stale.unlink(missing_ok=True)
     if not files:
         if resume:
             log(f"no checkpoint in {folder.checkpoints}: starting from scratch")
@@ -494,6 +539,9 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
               "seconds": time.perf_counter() - t0}
     folder.save_result("compress", result)
     log(f"pruned: {report.summary()}")
+    from .report import collapse_warnings
+    for warning in collapse_warnings(result):
+        print(f"structkit: warning: {warning}", file=sys.stderr, flush=True)  # shown even with --quiet
     log(f"test accuracy: trained {trained['accuracy']:.4f}, slim {slim_eval['accuracy']:.4f}")
     write_report(folder)
     return result
@@ -502,7 +550,6 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
 def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | None = None) -> dict[str, Any]:
     """Export the trained (dense) and slim models to ONNX, each checked against torch in ONNX Runtime."""
     from .deploy import export_onnx
-    from .prune import load_slim
 
     log = log or Log()
     t0 = time.perf_counter()
@@ -511,7 +558,7 @@ def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | No
     folder.record_invocation("export", config)
     folder.require("compress", "export")
     setup, _ = _trained(folder, config, "export")
-    slim = load_slim(folder / "slim.pt")
+    slim = _load_slim(folder)
     d = config.deploy
     inputs = setup.verify_inputs[:64]
     result = {}
@@ -562,6 +609,19 @@ def bench(out: str | Path, *, overrides: list[str] | None = None, log: Log | Non
     return result
 
 
+def _load_slim(folder: RunFolder) -> nn.Module:
+    """slim.pt, or an error that says it is unusable and how to rebuild it."""
+    from .prune import load_slim
+    path = folder / "slim.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; rerun `structkit compress {folder.path}`.")
+    try:
+        return load_slim(path)
+    except Exception as err:  # truncated zip, pickle errors, a file from elsewhere: all mean it is unusable
+        raise RuntimeError(f"{path} is corrupt, truncated or not a structkit slim model ({type(err).__name__}: "
+                           f"{err}); rebuild it with `structkit compress {folder.path}`.") from None
+
+
 def _stage_config(folder: RunFolder, overrides: list[str] | None) -> Config:
     config = folder.saved_config(overrides)
     if overrides:
@@ -585,6 +645,8 @@ def run(config: Config | dict | str | Path, out: str | Path, *, resume: bool = F
     log = log or Log()
     with quiet_warnings(log.quiet):
         train(config, out, resume=resume, log=log)
+        if not distributed.is_main():  # under torchrun the other ranks only train
+            return {}
         compress(out, log=log)
         export(out, log=log)
         bench(out, log=log)

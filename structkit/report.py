@@ -10,6 +10,7 @@ pipeline stages left in the output folder (``results/*.json``, ``metrics.jsonl``
     verify     {max_abs_diff_torch, tolerance_torch, max_abs_diff_onnx, onnx: {dense, slim}}
     latency    {"<batch>": {dense_p50_ms, slim_p50_ms, dense_p90_ms, slim_p90_ms, speedup, settings, ...}}
     latency_protocol, layers, prune, solver, training, timings, wall_time_s, environment, config, git, versions
+    warnings   [str]                               e.g. layer collapse (every group of a layer exactly zero)
 """
 from __future__ import annotations
 
@@ -59,7 +60,20 @@ def build_report(folder) -> dict[str, Any]:
         "config": config,
         "git": info.get("git"),
         "versions": info.get("versions"),
+        "warnings": collapse_warnings(comp),
     }
+
+
+def collapse_warnings(compress: dict | None) -> list[str]:
+    """A warning per layer whose every group the regularizer zeroed (layer collapse): prune keeps one (zero)
+    group so the network still runs, but that layer then passes nothing on."""
+    out = []
+    for name, e in ((compress or {}).get("layers") or {}).items():
+        if e.get("total") and e.get("kept") == 0:
+            out.append(f"layer collapse: every one of the {e['total']} {e.get('unit', 'groups')} of {name} is exactly "
+                       f"zero, so the layer passes nothing on; prune kept one zero group so the model still runs. "
+                       f"Lower the lam of the structure rule that selects {name} (or exclude it).")
+    return out
 
 
 def _layers(layers: dict | None) -> dict | None:
@@ -118,10 +132,12 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
               f"{_ratio(macs['before'], macs['after'])} |"]
     for batch, row in (report.get("latency") or {}).items():
         lines.append(f"| ORT latency p50, batch {batch} (ms) | {row['dense_p50_ms']:.3f} | {row['slim_p50_ms']:.3f} | "
-                     f"**{row['speedup']:.2f}x faster** |")
+                     f"speedup **{row['speedup']:.2f}x** |")
     lines += ["", f"Weighted group sparsity {_num(sp.get('weighted_group_sparsity'), '{:.4f}')}; "
                   f"{_num(sp.get('zero_groups'))} of {_num(sp.get('num_groups'))} groups exactly zero; "
                   f"validation accuracy after the last epoch {_num(acc.get('val_final'), '{:.4f}')}.", ""]
+    if report.get("warnings"):
+        lines += ["## Warnings", "", *[f"- **warning**: {w}" for w in report["warnings"]], ""]
     onnx = verify.get("onnx") or {}
     lines += ["## Verification", "",
               f"- slim vs trained (torch, eval mode): max |diff| {_num(verify['max_abs_diff_torch'], '{:.3g}')} "
@@ -141,7 +157,8 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
     if report.get("latency"):
         proto = report.get("latency_protocol") or {}
         lines += ["## Latency (ONNX Runtime, CPU)", "",
-                  "| batch | dense p50 ms | slim p50 ms | dense p90 ms | slim p90 ms | speedup (p50) | ORT graph optimization |",
+                  "| batch | dense p50 ms | slim p50 ms | dense p90 ms | slim p90 ms | speedup (dense p50 / slim p50) "
+                  "| ORT graph optimization |",
                   "|---|---|---|---|---|---|---|"]
         for batch, row in report["latency"].items():
             settings = ", ".join(f"{k}: {v}" for k, v in (row.get("settings") or {}).items())
@@ -165,9 +182,11 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
     solver = report.get("solver") or {}
     if solver:
         hp = ", ".join(f"{k}={v}" for k, v in (solver.get("hyperparameters") or {}).items())
+        inner = (f"mean {solver['mean_inner_iters']:.2f} / max {solver['max_inner_iters']} inner iterations over "
+                 f"{solver['pg_solves']} inexact subproblem solves" if solver["pg_solves"] else
+                 "every subproblem solved in closed form (no inner iterations)")
         lines += [f"Solver {solver['name']} ({hp}; milestones {solver.get('milestones')}, gamma {solver.get('gamma')}): "
-                  f"mean {solver['mean_inner_iters']:.2f} / max {solver['max_inner_iters']} inner iterations over "
-                  f"{solver['pg_solves']} inexact subproblem solves.", ""]
+                  f"{inner}.", ""]
     t = report.get("timings") or {}
     lines += [f"Wall time {report['wall_time_s']:.1f} s (train {_num(t.get('train_s'), '{:.1f}')} s, compress "
               f"{_num(t.get('compress_s'), '{:.1f}')} s, export {_num(t.get('export_s'), '{:.1f}')} s, bench "

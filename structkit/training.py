@@ -15,13 +15,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["train_epoch", "evaluate", "recalibrate_batchnorm", "has_batchnorm", "autocast"]
+from . import distributed
+
+__all__ = ["train_epoch", "evaluate", "recalibrate_batchnorm", "has_batchnorm", "autocast", "NonFiniteError"]
+
+_REMEDY = ("Lower optimizer.lr (e.g. by 10x) or the structure rules' lam, or use schedule.precision: fp32, and start a "
+           "new run (another --out: a checkpoint only resumes under the same training settings).")
 
 
-def autocast(precision: str):
+class NonFiniteError(RuntimeError):
+    """The training loss or a gradient became NaN/inf; ``epoch`` and ``step`` say where (1-based)."""
+
+    def __init__(self, message: str, epoch: int, step: int):
+        super().__init__(message)
+        self.epoch, self.step = epoch, step
+
+
+def autocast(precision: str, device_type: str = "cpu"):
     """``bf16``: the forward pass under CPU/CUDA autocast (the solver's state stays float32); ``fp32``: nothing."""
     if precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -36,28 +49,36 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 precision: str = "fp32", on_step: Callable[[int, float], None] | None = None) -> float:
     """One pass over ``loader``; returns the mean training loss (weighted by batch size).
 
-    Raises RuntimeError naming the epoch and step when the loss or a gradient is not finite."""
+    Raises :class:`NonFiniteError` (a RuntimeError) naming the epoch and step when the loss or a gradient is
+    not finite, before the solver step (the weights stay those of the last good step)."""
     model.train()
     total, seen = 0.0, 0
     for step, (x, y) in enumerate(loader, start=1):
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision):
+        with autocast(precision, x.device.type):
             logits = model(x)
         loss = _loss(logits, y)
         value = loss.item()
+        scale = 1.0
+        if distributed.is_distributed():  # one collective: global batch size, and whether any rank went non-finite
+            count, bad_ranks = distributed.all_sum(float(len(y)), 0.0 if math.isfinite(value) else 1.0)
+            scale = distributed.world_size() * len(y) / count  # DDP's average of these = the global batch mean
+            if bad_ranks and math.isfinite(value):
+                value = float("nan")
         if not math.isfinite(value):
-            raise RuntimeError(f"the training loss is {value} at epoch {epoch}, step {step}; the last good "
-                               f"checkpoint is kept. Lower optimizer.lr (or the structure lam) and resume.")
-        loss.backward()
+            raise NonFiniteError(f"the training loss is {value} at epoch {epoch}, step {step}; training stopped "
+                                 f"before the bad step changed any weight. {_REMEDY}", epoch, step)
+        (loss * scale if scale != 1.0 else loss).backward()
         bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
         if bad:
-            raise RuntimeError(f"non-finite gradient of {bad[0]} at epoch {epoch}, step {step}; lower optimizer.lr "
-                               f"(or the structure lam) and resume from the last checkpoint.")
+            raise NonFiniteError(f"non-finite gradient of {bad[0]} at epoch {epoch}, step {step}; training stopped "
+                                 f"before the bad step changed any weight. {_REMEDY}", epoch, step)
         optimizer.step()
         total += value * len(y)
         seen += len(y)
         if on_step is not None:
             on_step(step, value)
+    total, seen = distributed.all_sum(total, float(seen))
     return total / max(seen, 1)
 
 
@@ -69,7 +90,7 @@ def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> dic
     correct, loss, seen = 0, 0.0, 0
     try:
         for x, y in loader:
-            with autocast(precision):
+            with autocast(precision, x.device.type):
                 logits = model(x)
             loss += float(_loss(logits, y)) * y.numel()
             correct += int((logits.argmax(-1) == y).sum())
@@ -108,7 +129,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], precision: s
     used = 0
     try:
         for x, _ in batches:
-            with autocast(precision):
+            with autocast(precision, x.device.type):
                 model(x)
             used += 1
     finally:

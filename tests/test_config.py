@@ -16,6 +16,9 @@ def test_configs_folder_is_not_empty():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
+    data = parse_yaml(path.read_text())
+    if "task" in data:  # e.g. minilm.yaml: a config of another command (structkit.distill), with its own schema
+        pytest.skip(f"{path.name} is a '{data['task']}' config, not a `structkit run` config")
     config = load_config(path)
     assert config.structure, "a config without structure rules trains nothing to prune"
     assert all(m < config.schedule.epochs for m in config.optimizer.milestones)
@@ -127,6 +130,6 @@ def test_missing_sections_and_files(tmp_path):
 
 def test_training_hash_covers_training_settings_only():
     base = training_hash(load_config(DIGITS))
-    assert training_hash(load_config(DIGITS, ["deploy.runs=7", "prune.round_to=8"])) == base
+    assert training_hash(load_config(DIGITS, ["deploy.runs=7", "prune.round_to=8", "schedule.threads=2"])) == base
     assert training_hash(load_config(DIGITS, ["structure.0.lam=1e-3"])) != base
     assert training_hash(load_config(DIGITS, ["schedule.seed=1"])) != base
