@@ -32,7 +32,6 @@ def _numbers(report):
     return {k: report[k] for k in keep}
 
 
-@pytest.mark.slow
 def test_digits_end_to_end(digits_run):
     out, report = digits_run
     for name in ("config.yaml", "run_info.json", "metrics.jsonl", "dense.onnx", "slim.onnx", "slim.pt", "report.json",
@@ -71,7 +70,6 @@ def test_digits_end_to_end(digits_run):
     assert not list(out.rglob("*.tmp")), "atomic writes leave no temporary files behind"
 
 
-@pytest.mark.slow
 def test_resume_after_a_stop_equals_the_uninterrupted_run(digits_run, tmp_path):
     done, report = digits_run
     out = tmp_path / "resumed"
