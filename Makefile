@@ -28,7 +28,7 @@ data:
 	fi
 
 quickstart: setup data
-	$(BIN)/structkit run configs/quickstart.yaml --out runs/quickstart
+	$(BIN)/structkit run configs/quickstart.yaml --out runs/quickstart --resume
 
 test: setup data
 	$(BIN)/python -m pytest -q
