@@ -1,15 +1,13 @@
 """RAMDA: Regularized Adaptive Momentum Dual Averaging (Huang & Lee, NeurIPS 2024)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .base import StructuredOptimizer
+from .dual_averaging import DualAveragingOptimizer
 from .subproblem import solve_subproblem
 
 
-class RAMDA(StructuredOptimizer):
+class RAMDA(DualAveragingOptimizer):
     r"""RAMDA, per param group, with gradient ``g`` at step ``t`` of the current stage:
 
     .. math::
@@ -35,8 +33,6 @@ class RAMDA(StructuredOptimizer):
 
     _positive = ("lr", "eps", "inner_tol", "inner_max_iter")
     _nonnegative = ("lam", "inner_delta")
-    _unit_interval = ("momentum",)
-
     def __init__(self, params, lr: float = 1e-2, momentum: float = 1e-2, eps: float = 1e-6, *,
                  regularizer="none", lam: float = 0.0, group_dim: int | None = None,
                  inner_tol: float = 1e-2, inner_delta: float = 0.05, inner_max_iter: int = 100,
@@ -46,21 +42,12 @@ class RAMDA(StructuredOptimizer):
                                       inner_max_iter=inner_max_iter, subproblem=subproblem))
 
     def _restart_state(self, group, state, w):
-        state["step"] = 0
-        state["alpha"] = 0.0
-        state["W0"] = w.clone()
-        state["V"] = torch.zeros_like(w)
+        super()._restart_state(group, state, w)
         state["U"] = torch.zeros_like(w)
 
     def _update(self, group, state, w, g, layout, reg):
-        if not state:
-            self._restart_state(group, state, w)
-        state["step"] += 1
-        t = state["step"]
-        s = group["lr"] * math.sqrt(t)
-        state["alpha"] += s
+        t, s = self._dual_average(group, state, w, g)
         V, U = state["V"], state["U"]
-        V.add_(g, alpha=s)
         U.addcmul_(g, g, value=s)
         P = torch.pow(U, 1 / 3, out=self._buffer(group, "P", w)).add_(group["eps"])
         z = torch.addcdiv(state["W0"], V, P, value=-1, out=self._buffer(group, "z", w))
@@ -72,7 +59,4 @@ class RAMDA(StructuredOptimizer):
             w_hat, info = solve_subproblem(reg, z, P, tau, layout, warm_start=w, rtol=rtol,
                                            max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
             self._record(info, layout.num_groups)
-        c = group["momentum"]
-        if group["momentum_ramp"]:
-            c = min(c * math.sqrt(t), 1.0)
-        return w.lerp_(w_hat, c)
+        return self._average(group, w, w_hat, t)

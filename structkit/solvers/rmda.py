@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from .base import StructuredOptimizer
+from .dual_averaging import DualAveragingOptimizer
 
 
-class RMDA(StructuredOptimizer):
+class RMDA(DualAveragingOptimizer):
     r"""RMDA, per param group:
 
     .. math::
@@ -20,29 +18,12 @@ class RMDA(StructuredOptimizer):
     Args: lr (0.1), momentum (c, 0.1), regularizer, lam, group_dim, group_index.
     """
 
-    _unit_interval = ("momentum",)
-
     def __init__(self, params, lr: float = 0.1, momentum: float = 0.1, *, regularizer="none", lam: float = 0.0,
                  group_dim: int | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam, group_dim=group_dim))
 
-    def _restart_state(self, group, state, w):
-        state["step"] = 0
-        state["alpha"] = 0.0
-        state["W0"] = w.clone()
-        state["V"] = torch.zeros_like(w)
-
     def _update(self, group, state, w, g, layout, reg):
-        if not state:
-            self._restart_state(group, state, w)
-        state["step"] += 1
-        t = state["step"]
-        s = group["lr"] * math.sqrt(t)
-        state["alpha"] += s
-        state["V"].add_(g, alpha=s)
+        t, _ = self._dual_average(group, state, w, g)
         beta = math.sqrt(t)
         w_tilde = reg.prox(state["W0"] - state["V"] / beta, state["alpha"] * group["lam"] / beta, layout)
-        c = group["momentum"]
-        if group["momentum_ramp"]:
-            c = min(c * math.sqrt(t), 1.0)
-        return w.lerp_(w_tilde, c)
+        return self._average(group, w, w_tilde, t)
