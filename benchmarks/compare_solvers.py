@@ -53,10 +53,11 @@ ADAMW = {"lr": 2e-3}
 def base_config(args, seed: int) -> dict:
     return {
         "model": {"name": args.model, "options": {"widths": args.widths}},
-        "data": {"name": "fashion_mnist", "options": {"limit_train": args.limit_train, "val_fraction": args.val_fraction}},
+        "data": {"name": "fashion_mnist", "options": {"limit_train": args.limit_train or None,
+                                                      "val_fraction": args.val_fraction}},
         "optimizer": {"name": "adamw"},
         "schedule": {"epochs": args.epochs, "batch_size": args.batch_size, "seed": seed, "threads": args.threads},
-        "structure": [{"select": "features.*", "types": ["Conv2d"], "kind": "channels", "lam": 0.0}],
+        "structure": [{"select": args.select, "types": ["Conv2d"], "kind": "channels", "lam": 0.0}],
         "prune": {"round_to": args.round_to},
         "deploy": {"batch_sizes": [1, 64], "threads": args.ort_threads, "warmup": args.warmup, "runs": args.runs},
     }
@@ -65,7 +66,7 @@ def base_config(args, seed: int) -> dict:
 def solver_config(args, solver: str, lam: float, seed: int) -> dict:
     cfg = base_config(args, seed)
     cfg["optimizer"] = {"name": solver, **SOLVERS[solver], "milestones": [args.milestone], "gamma": 0.1}
-    cfg["structure"] = [{"select": "features.*", "types": ["Conv2d"], "kind": "channels", "lam": lam}]
+    cfg["structure"] = [{"select": args.select, "types": ["Conv2d"], "kind": "channels", "lam": lam}]
     return cfg
 
 
@@ -331,7 +332,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="cnn")
     p.add_argument("--widths", type=int, nargs="+", default=[16, 16, 32, 32, 64])
-    p.add_argument("--limit-train", type=int, default=10000)
+    p.add_argument("--select", default="features.*", help="structure rule's module pattern (every Conv2d it "
+                   "matches gets channel groups); '*' for resnet_small")
+    p.add_argument("--limit-train", type=int, default=10000, help="training images (0: all 54,000 left after "
+                   "the validation split at --val-fraction 0.1)")
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--milestone", type=int, default=3, help="the final stage (restart + momentum ramp) starts after "

@@ -85,9 +85,23 @@ def _max_abs_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return float(torch.stack(diffs).max()) if diffs else 0.0
 
 
+def _one_example(example_inputs: Any) -> Any:
+    """The first example of a batch (a tensor, or a tuple / list / dict of tensors sharing the batch dimension)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return example_inputs[:1] if example_inputs.dim() else example_inputs
+    if isinstance(example_inputs, dict):
+        return {k: _one_example(v) for k, v in example_inputs.items()}
+    if isinstance(example_inputs, (tuple, list)):
+        return type(example_inputs)(_one_example(v) for v in example_inputs)
+    return example_inputs
+
+
 def _count(model: nn.Module, example_inputs: Any) -> tuple[int, int, dict[str, int], dict[str, int]]:
-    """MACs and params in total and per module name (torch-pruning's counter, with structkit's modules)."""
+    """MACs (per example: counted on the batch's first example, so totals and per-layer numbers agree) and params,
+    in total and per module name (torch-pruning's counter, with structkit's modules)."""
     import torch_pruning as tp
+
+    example_inputs = _one_example(example_inputs)
 
     tp.utils.op_counter.CUSTOM_MODULES_MAPPING.update(MAC_COUNTERS)  # the counter clears it after each call
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a warning for keyword-only inputs

@@ -50,7 +50,7 @@ def build_report(folder) -> dict[str, Any]:
                    "max_abs_diff_onnx": max(onnx.values()) if onnx else None, "onnx": onnx},
         "latency": latency,
         "latency_protocol": (bench or {}).get("latency", {}).get("protocol"),
-        "layers": _layers(prune.get("layers")),
+        "layers": prune.get("layers"),  # widths, params and MACs per example, per layer
         "prune": {"round_to": prune.get("round_to"), "skipped": prune.get("skipped")} if prune else None,
         "solver": (train or {}).get("solver"),
         "training": {"epochs": len(history), "final": final or None},
@@ -74,14 +74,6 @@ def collapse_warnings(compress: dict | None) -> list[str]:
                        f"zero, so the layer passes nothing on; prune kept one zero group so the model still runs. "
                        f"Lower the lam of the structure rule that selects {name} (or exclude it).")
     return out
-
-
-def _layers(layers: dict | None) -> dict | None:
-    """Per-layer widths and parameter counts. (Per-layer MACs are left out: torch-pruning's layer-wise counts are
-    for the whole verification batch while its totals are per example, so they would not add up.)"""
-    if not layers:
-        return layers
-    return {name: {k: v for k, v in e.items() if not k.startswith("macs_")} for name, e in layers.items()}
 
 
 def _get(data: dict | None, *keys: str) -> Any:

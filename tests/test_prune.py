@@ -343,3 +343,23 @@ def test_verify_compares_dict_and_tuple_outputs():
     x = torch.randn(4, 3)
     assert verify(a, a, x) == 0.0
     assert verify(a, b, x) == pytest.approx(0.5)
+
+
+def test_macs_are_per_example_in_total_and_per_layer():
+    """MACs do not depend on the verification batch's size, in total or per layer; a Linear's per-layer count is
+    torch-pruning's closed form in x out + out (bias) per example."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 5)).eval()
+    with torch.no_grad():
+        model[0].weight[:6] = 0
+        model[0].bias[:6] = 0
+    reports = []
+    for batch in (1, 7):
+        x = torch.randn(batch, 12)
+        gs = group_parameters(model, x, [{"select": "0", "kind": "channels", "lam": 1e-3}])
+        reports.append(prune(model, gs, x)[1])
+    one, seven = reports
+    assert (one.macs_before, one.macs_after) == (seven.macs_before, seven.macs_after)
+    assert one.layers == seven.layers
+    assert one.layers["0"]["macs_before"] == 12 * 16 + 16 and one.layers["0"]["macs_after"] == 12 * 10 + 10
+    assert one.macs_before - one.macs_after >= 6 * (12 + 1) + 6 * 5
