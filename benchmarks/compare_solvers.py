@@ -360,6 +360,8 @@ def main(argv=None) -> int:
     p.add_argument("--tp-only", action="store_true", help="Torch-Pruning (round_to None) at the MACs of every RAMDA "
                                                            "row of --json (adds torch_pruning_matched)")
     p.add_argument("--table", action="store_true", help="print the markdown table of --json and exit")
+    p.add_argument("--merge", type=Path, nargs="+", default=[], help="merge the runs and Torch-Pruning rows of "
+                   "these result JSONs (e.g. another seed run in a second process) into --json, re-aggregate, exit")
     args = p.parse_args(argv)
     if args.timing:
         jpath = Path(args.json)
@@ -385,6 +387,17 @@ def main(argv=None) -> int:
                       f"b64 {r['speedup_b64']:.2f}", flush=True)
                 extra.setdefault(key, {})[str(seed)] = r
                 jpath.write_text(json.dumps(results, indent=1, default=float))
+        return 0
+    if args.merge:
+        jpath = Path(args.json)
+        results = json.loads(jpath.read_text())
+        for other in map(json.loads, (m.read_text() for m in args.merge)):
+            for key, per_seed in other.get("runs", {}).items():
+                results["runs"].setdefault(key, {}).update(per_seed)
+            results.setdefault("torch_pruning", {}).update(other.get("torch_pruning") or {})
+        results.update(aggregate(results, args, restrict=results.get("sweep_chosen")))
+        jpath.write_text(json.dumps(results, indent=1, default=float))
+        print(markdown_table(results))
         return 0
     if args.table:
         print(markdown_table(json.loads(Path(args.json).read_text())))

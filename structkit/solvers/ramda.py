@@ -20,15 +20,15 @@ class RAMDA(DualAveragingOptimizer):
         W_t = (1 - c_t) W_{t-1} + c_t \hat W_t
 
     The subproblem is solved by :func:`~structkit.solvers.subproblem.solve_subproblem` (exact when the
-    regularizer allows, else proximal gradient with the paper's stopping rule at relative tolerance
-    ``inner_tol / t^(0.5 + inner_delta)``, relative to ``||P z||``). With ``lam = 0`` this is MADGRAD.
+    regularizer allows, else accelerated proximal gradient warm-started at the previous step's ``W_hat``, with
+    the paper's stopping rule at relative tolerance ``inner_tol / t^(0.5 + inner_delta)``, relative to ``||P z||``). With ``lam = 0`` this is MADGRAD.
     ``c_t = momentum``, or ``min(momentum * sqrt(t), 1)`` in a stage started with ``momentum_ramp=True``
     (see :class:`~structkit.solvers.StageScheduler`), so the final iterate is ``W_hat`` and carries its
     exact structure.
 
     Args: params (iterable or param groups, see :mod:`structkit.solvers.base` for the structure keys),
     lr (1e-2), momentum (c, in (0, 1], 1e-2), eps (1e-6), inner_tol (1e-2), inner_delta (0.05),
-    inner_max_iter (100), subproblem ("auto" | "exact" | "pg"), regularizer, lam, group_dim, group_index.
+    inner_max_iter (100), subproblem ("auto" | "exact" | "pg" | "apg"), regularizer, lam, group_dim, group_index.
     """
 
     _positive = ("lr", "eps", "inner_tol", "inner_max_iter")
@@ -44,6 +44,7 @@ class RAMDA(DualAveragingOptimizer):
     def _restart_state(self, group, state, w):
         super()._restart_state(group, state, w)
         state["U"] = torch.zeros_like(w)
+        state.pop("W_hat", None)  # a new stage warm-starts its first inexact solve at the restart point
 
     def _update(self, group, state, w, g, layout, reg):
         t, s = self._dual_average(group, state, w, g)
@@ -56,7 +57,12 @@ class RAMDA(DualAveragingOptimizer):
             w_hat = z
         else:
             rtol = group["inner_tol"] / t ** (0.5 + group["inner_delta"])
-            w_hat, info = solve_subproblem(reg, z, P, tau, layout, warm_start=w, rtol=rtol,
+            # warm start: the previous step's subproblem solution (the subproblems change slowly; the
+            # averaged iterate w lags behind W_hat by the momentum averaging)
+            warm = state.get("W_hat", w)
+            w_hat, info = solve_subproblem(reg, z, P, tau, layout, warm_start=warm, rtol=rtol,
                                            max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
             self._record(info, layout.num_groups)
+            if not info.exact:
+                state["W_hat"] = w_hat.clone()
         return self._average(group, w, w_hat, t)
