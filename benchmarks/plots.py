@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--json", default="benchmarks/results/compare_solvers.json")
     p.add_argument("--out", default="docs/img")
+    p.add_argument("--prefix", default="bench", help="file names: PREFIX_acc_vs_wgs.png etc.")
     p.add_argument("--extra", nargs="*", default=[], help="more compare_solvers JSONs (extra lam points) whose "
                                                           "runs are added to the accuracy-vs-WGS and latency plots")
     args = p.parse_args(argv)
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         for key, per_seed in json.loads(Path(path).read_text())["runs"].items():
             if key != "adamw":
                 data["runs"].setdefault(key, {}).update(per_seed)
-    out = Path(args.out)
+    out, prefix = Path(args.out), args.prefix
     out.mkdir(parents=True, exist_ok=True)
     runs = data["runs"]
     tp = dict(data.get("torch_pruning") or {})
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "bench_acc_vs_wgs.png", dpi=120)
+    fig.savefig(out / f"{prefix}_acc_vs_wgs.png", dpi=120)
     plt.close(fig)
 
     # accuracy vs ORT latency
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
                  "(absolute times moved 3x with other jobs' load on this shared machine; AdamW: the dense model, 1.0)",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "bench_acc_vs_latency.png", dpi=120)
+    fig.savefig(out / f"{prefix}_acc_vs_latency.png", dpi=120)
     plt.close(fig)
 
     # training curves (seed 0)
@@ -117,9 +118,9 @@ def main(argv=None) -> int:
     axes[1].legend(fontsize=6)
     fig.suptitle("training curves, seed 0 (solid: lam 5e-4, dashed: 2e-3, dotted: extra lam points 0 and 1e-3)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(out / "bench_curves.png", dpi=120)
+    fig.savefig(out / f"{prefix}_curves.png", dpi=120)
     plt.close(fig)
-    print("wrote", *(out / n for n in ("bench_acc_vs_wgs.png", "bench_acc_vs_latency.png", "bench_curves.png")))
+    print("wrote", *(out / f"{prefix}_{n}.png" for n in ("acc_vs_wgs", "acc_vs_latency", "curves")))
     return 0
 
 
