@@ -130,8 +130,9 @@ def _apg(reg, z, d, tau, layout, y, warm_start, theta_e, inv_theta_minus_d, step
     def smooth(v):
         return 0.5 * (d * (v - z).square()).sum()
 
-    q_warm = smooth(warm_start) + tau * reg.value(warm_start, layout)
-    q_y = smooth(y) + tau * reg.value(y, layout)
+    q_warm = subproblem_objective(reg, warm_start, z, d, tau, layout)
+    # without screening y is the warm start itself: reuse its Q instead of a second decomposition
+    q_y = q_warm if keep is None else subproblem_objective(reg, y, z, d, tau, layout)
     x, y_prev, u = y, y, y
     t = z.new_ones(layout.num_groups)
     residual, iters, q_u = z.new_zeros(()), 0, q_y
