@@ -61,13 +61,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SOLVERS = {  # documented defaults (docs/solvers.md)
-    "ramda": {"lr": 1e-2, "momentum": 0.1},
-    "rmda": {"lr": 0.1, "momentum": 0.1},
-    "proxgen": {"lr": 1e-3},
-    "proxsgd": {"lr": 0.1, "momentum": 0.1},
-}
-ADAMW = {"lr": 2e-3}
+from benchmarks.defaults import ADAMW, SOLVERS  # noqa: E402  (after the sys.path line)
+
 NAMES = ["adamw"] + list(SOLVERS)
 DEFAULT_JSON, DEFAULT_PLOT = "benchmarks/results/austen_lm.json", "docs/img/bench_lm.png"
 

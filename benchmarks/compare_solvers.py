@@ -41,13 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SOLVERS = {  # documented defaults (docs/solvers.md); AdamW as TRAINING_NOTES.md
-    "ramda": {"lr": 1e-2, "momentum": 0.1},
-    "rmda": {"lr": 0.1, "momentum": 0.1},
-    "proxgen": {"lr": 1e-3},
-    "proxsgd": {"lr": 0.1, "momentum": 0.1},
-}
-ADAMW = {"lr": 2e-3}
+from benchmarks.defaults import ADAMW, SOLVERS  # noqa: E402  (after the sys.path line)
 
 
 def base_config(args, seed: int) -> dict:

@@ -19,10 +19,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.defaults import MSGD, SOLVERS as STRUCTURED  # noqa: E402  (after the sys.path line)
+
 PAPER = {"sgd": (89.95, None), "proxsgd": (87.54, 78.00), "proxgen": (86.66, 87.46), "rmda": (88.19, 91.88),
          "ramda": (87.99, 89.59)}
-SOLVERS = {"ramda": {"lr": 1e-2, "momentum": 0.1}, "rmda": {"lr": 0.1, "momentum": 0.1},
-           "proxgen": {"lr": 1e-3}, "proxsgd": {"lr": 0.1, "momentum": 0.1}, "sgd": {"lr": 0.1, "momentum": 0.9}}
+SOLVERS = {**STRUCTURED, "sgd": MSGD}
 
 
 def config(args, solver: str, seed: int) -> dict:
