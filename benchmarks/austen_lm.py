@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.defaults import ADAMW, SOLVERS  # noqa: E402  (after the sys.path line)
+from benchmarks.timing import median_ratios, round_robin_step_times  # noqa: E402
 
 NAMES = ["adamw"] + list(SOLVERS)
 DEFAULT_JSON, DEFAULT_PLOT = "benchmarks/results/austen_lm.json", "docs/img/bench_lm.png"
@@ -211,21 +212,9 @@ def interleaved_timing(args, splits, rounds: int, steps: int) -> dict:
     setups = {n: build(args, splits, n, args.lams[0]) for n in NAMES}
     stream = batch_stream(splits, args.batch_size, args.seed + 1)
     batches = [next(stream) for _ in range(steps)]
-    times = {n: [] for n in NAMES}
-    for r in range(rounds + 1):
-        for name in (NAMES if r % 2 == 0 else NAMES[::-1]):
-            model, _, opt, _ = setups[name]
-            model.train()
-            t0 = time.perf_counter()
-            for xb, yb in batches:
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(xb).flatten(0, 1), yb.flatten()).backward()
-                opt.step()
-            if r:
-                times[name].append((time.perf_counter() - t0) / steps)
-    ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
-    return {"step_ms_median": ms, "ratio_to_adamw": {n: ms[n] / ms["adamw"] for n in NAMES},
-            "step_ms_all_rounds": {n: [v * 1e3 for v in t] for n, t in times.items()},
+    times = round_robin_step_times({n: (setups[n][0], setups[n][2]) for n in NAMES}, batches,
+                                   lambda out, yb: F.cross_entropy(out.flatten(0, 1), yb.flatten()), rounds)
+    return {**median_ratios(times), "step_ms_all_rounds": {n: [v * 1e3 for v in t] for n, t in times.items()},
             "rounds": rounds, "steps": steps, "threads": args.threads, "batch_size": args.batch_size,
             "lam": args.lams[0]}
 

@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.defaults import ADAMW, SOLVERS  # noqa: E402  (after the sys.path line)
+from benchmarks.timing import median_ratios, round_robin_step_times  # noqa: E402
 
 
 def base_config(args, seed: int) -> dict:
@@ -236,28 +237,16 @@ def interleaved_timing(args, rounds: int = 5, steps: int = 40) -> dict:
         cfg = validate(adamw_config(args, 0) if name == "adamw" else solver_config(args, name, lam, 0))
         setup = build(cfg)
         solver, _ = make_solver(cfg, setup.groupset)
-        setups[name] = (setup.model.train(), solver)
+        setups[name] = (setup.model, solver)
     loader, _, _ = make_loaders(setup.splits, args.batch_size, seed=0)
     batches = []
     for x, y in loader:
         batches.append((x, y))
         if len(batches) == steps:
             break
-    times = {n: [] for n in names}
-    for r in range(rounds + 1):  # round 0: warm-up, not recorded
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            model, solver = setups[name]
-            t0 = time.perf_counter()
-            for x, y in batches:
-                solver.zero_grad(set_to_none=True)
-                _loss(model(x), y).backward()
-                solver.step()
-            if r:
-                times[name].append((time.perf_counter() - t0) / len(batches))
-    ms = {n: statistics.median(t) * 1e3 for n, t in times.items()}
-    return {"step_ms_median": ms, "ratio_to_adamw": {n: ms[n] / ms["adamw"] for n in names},
-            "rounds": rounds, "steps": steps, "threads": args.threads, "batch_size": args.batch_size, "lam": lam}
+    times = round_robin_step_times(setups, batches, _loss, rounds)
+    return {**median_ratios(times), "rounds": rounds, "steps": steps, "threads": args.threads,
+            "batch_size": args.batch_size, "lam": lam}
 
 
 def markdown_table(results: dict) -> str:
