@@ -139,3 +139,35 @@ def test_custom_regularizer_needs_only_value_and_prox():
     z, d = torch.randn(100), torch.rand(100) + 0.5
     y, info = solve_subproblem(reg, z, d, 0.2, layout, warm_start=torch.zeros(100), rtol=1e-12, max_iter=5000)
     assert torch.allclose(y, get_regularizer("l1").prox_diag(z, d, 0.4, layout), atol=1e-9)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_group_lasso_newton_certificate_is_the_min_norm_subgradient_and_bounds_the_error(dim):
+    """solve_diag's residual == || grad Q(y) || over the nonzero groups (0 is a subgradient on the zero ones),
+    the distance to the exact solution is <= residual / min d (strong convexity), and a warm start from the
+    previous solve of a nearby problem meets a loose tolerance with no Newton step."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [torch.Size([16, 9]), torch.Size([16, 3, 3])]
+    layout = rows_layout(shapes, dim)
+    z = torch.randn(layout.numel, generator=g)
+    d = torch.rand(layout.numel, generator=g).pow(3) * 50 + 0.01
+    reg, tau = get_regularizer("group_lasso"), 0.3
+    exact = reg.prox_diag(z, d, tau, layout)
+    T = tau * layout.weights
+    for max_iter in (0, 1, 2):
+        reg.newton_max_iter = max_iter
+        sol = reg.solve_diag(z, d, tau, layout, rtol=0.0)
+        norms = layout.norms(sol.y)
+        grad = d * (sol.y - z) + layout.expand(T / norms.clamp_min(1e-300)) * sol.y
+        grad = grad * layout.expand((norms > 0).double())
+        assert torch.allclose(sol.residual, torch.linalg.vector_norm(grad), rtol=1e-8, atol=1e-12)
+        assert torch.linalg.vector_norm(sol.y - exact) <= sol.residual / d.min() * (1 + 1e-9) + 1e-12
+        assert torch.equal(norms == 0, layout.norms(exact) == 0)  # screening is exact whatever the iterations
+    del reg.newton_max_iter
+    warm = reg.solve_diag(z, d, tau, layout, rtol=0.0).warm
+    z2 = z + 1e-3 * torch.randn(layout.numel, generator=g)
+    d2 = d * (1 + 1e-3 * torch.rand(layout.numel, generator=g))
+    cold = reg.solve_diag(z2, d2, tau, layout, rtol=1e-4)
+    hot = reg.solve_diag(z2, d2, tau, layout, rtol=1e-4, warm=warm)
+    assert hot.iters == 0 < cold.iters
+    assert hot.residual <= 1e-4 * torch.linalg.vector_norm(d2 * z2)

@@ -243,3 +243,115 @@ def test_ramda_finds_exact_group_zeros_on_digits_at_useful_accuracy():
     accuracy = (model(X[test]).argmax(1) == y[test]).float().mean().item()
     zero_neurons = int((model[2].weight.norm(dim=0) == 0).sum())
     assert accuracy >= 0.92 and zero_neurons >= 16, (accuracy, zero_neurons)
+
+
+def exact_group_lasso_diag(z, d, T):
+    """Reference: argmin_y 1/2 sum d (y - z)^2 + sum_g T_g ||y_g|| for row groups of a matrix, by bisection on
+    each group's multiplier in float64 (a loop over groups: slow and obviously right)."""
+    y = torch.zeros_like(z)
+    for r in range(z.shape[0]):
+        a, dr, t = d[r] * z[r], d[r], float(T[r])
+        if a.norm() <= t:
+            continue
+        lo, hi = 0.0, 1.0
+        while (a / (dr + hi)).norm() * hi < t:  # mu ||y(mu)|| increases with mu
+            hi *= 2
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if (a / (dr + mid)).norm() * mid < t else (lo, mid)
+        y[r] = a / (dr + (lo + hi) / 2)
+    return y
+
+
+@pytest.mark.parametrize("method, tol", [("exact", 1e-12), ("auto", 1e-4)])
+def test_ramda_with_group_lasso_follows_the_reference_update_in_float64(method, tol):
+    """RAMDA's trajectory == the update written out (dual average, U^(1/3) preconditioner, exact subproblem by
+    bisection, momentum ramp to 1 in the final stage). ``auto`` (inexact, the paper's stopping rule) stays close."""
+    torch.manual_seed(0)
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(6, 5, dtype=torch.float64) * torch.tensor([1, 1, 0.01, 1, 0.02, 1.0], dtype=torch.float64)[:, None]
+    lr, c, eps, lam = 0.05, 0.2, 1e-6, 1.0
+    opt = RAMDA([{"params": [w], "regularizer": "group_lasso", "lam": lam, "group_dim": 0}], lr=lr, momentum=c, eps=eps,
+                subproblem=method)
+    ref = w.detach().clone()
+    weight = math.sqrt(5)
+    for stage, steps in enumerate((30, 30)):
+        if stage == 1:
+            opt.restart(0.1, momentum_ramp=True)
+            lr *= 0.1
+            eps *= 0.1
+        w0, V, U, alpha = ref.clone(), torch.zeros_like(ref), torch.zeros_like(ref), 0.0
+        for t in range(1, steps + 1):
+            g = quadratic_grads(ref, target)
+            s = lr * math.sqrt(t)
+            alpha += s
+            V += s * g
+            U += s * g * g
+            P = U ** (1 / 3) + eps
+            w_hat = exact_group_lasso_diag(w0 - V / P, P, torch.full((6,), alpha * lam * weight, dtype=torch.float64))
+            ct = min(c * math.sqrt(t), 1.0) if stage == 1 else c
+            ref = (1 - ct) * ref + ct * w_hat
+            w.grad = quadratic_grads(w.detach(), target)
+            opt.step()
+        assert torch.allclose(w.detach(), ref, rtol=0, atol=tol), (stage, (w.detach() - ref).abs().max())
+    zero_rows = ref.norm(dim=1) == 0
+    assert zero_rows.any(), "the test should exercise exact zero groups"
+    assert torch.equal(w.detach().norm(dim=1) == 0, zero_rows) and w.detach()[zero_rows].abs().max() == 0
+
+
+def test_proxgen_with_group_lasso_follows_the_reference_update_in_float64():
+    torch.manual_seed(1)
+    w = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(6, 5, dtype=torch.float64) * torch.tensor([1, 1, 0.01, 1, 0.02, 1.0], dtype=torch.float64)[:, None]
+    lr, (b1, b2), eps, lam = 0.05, (0.9, 0.999), 1e-8, 1.0
+    opt = ProxGen([{"params": [w], "regularizer": "group_lasso", "lam": lam, "group_dim": 0}], lr=lr, subproblem="exact")
+    ref, m, v = w.detach().clone(), torch.zeros(6, 5, dtype=torch.float64), torch.zeros(6, 5, dtype=torch.float64)
+    for t in range(1, 41):
+        g = quadratic_grads(ref, target)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        D = (v / (1 - b2 ** t)).sqrt() + eps
+        z = ref - lr * (m / (1 - b1 ** t)) / D
+        ref = exact_group_lasso_diag(z, D, torch.full((6,), lr * lam * math.sqrt(5), dtype=torch.float64))
+        w.grad = quadratic_grads(w.detach(), target)
+        opt.step()
+    assert torch.allclose(w.detach(), ref, rtol=0, atol=1e-12)
+    assert (ref.norm(dim=1) == 0).any()
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_step_allocates_no_parameter_sized_memory(name):
+    """State and work vectors are allocated once; later steps only allocate per-group vectors."""
+    from torch.profiler import ProfilerActivity, profile
+    cls, kw = SOLVERS[name]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10))
+    opt = cls([{"params": [model[0].weight, model[0].bias], "regularizer": "group_lasso", "lam": 1e-3,
+                "group_index": [{"dim": 0, "offset": 0}, {"dim": 0, "offset": 0}]},
+               {"params": [model[2].weight, model[2].bias]}], **kw)
+    x, y = torch.randn(64, 256), torch.randint(0, 10, (64,))
+    for _ in range(4):
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if _ < 3:
+            opt.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    smallest_regularized = model[0].weight.numel() * 4
+    allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert allocations and max(allocations) < smallest_regularized / 8, sorted(allocations)[-5:]
+
+
+def test_ramda_keeps_three_parameter_sized_state_vectors_for_the_group_lasso():
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4))
+    opt = RAMDA([{"params": list(model[0].parameters()), "regularizer": "group_lasso", "lam": 1e-3,
+                  "group_index": [{"dim": 0, "offset": 0}, {"dim": 0, "offset": 0}]}], lr=0.01)
+    x, y = torch.randn(16, 32), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    state = opt.state[model[0].weight]
+    n = sum(p.numel() for p in model[0].parameters())
+    big = sorted(k for k, v in state.items() if torch.is_tensor(v) and v.numel() == n)
+    assert big == ["U", "V", "W0"]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -43,10 +43,26 @@ class Regularizer:
         """``argmin_y 1/2 ||y - x||^2 + tau * psi(y)`` (tau per group or scalar)."""
         raise NotImplementedError
 
+    def prox_(self, x: torch.Tensor, tau: torch.Tensor | float, layout: GroupLayout) -> torch.Tensor:
+        """:meth:`prox` written into ``x`` (the solvers' scratch buffer); returns ``x``. The default copies
+        :meth:`prox`'s result; built-ins override it to work in place."""
+        return x.copy_(self.prox(x, tau, layout))
+
     def prox_diag(self, z: torch.Tensor, d: torch.Tensor, tau: float,
                   layout: GroupLayout) -> torch.Tensor | None:
         """Exact ``argmin_y 1/2 sum_i d_i (y_i - z_i)^2 + tau * psi(y)``, or None when there is no cheap exact
         solution (the solver then runs proximal gradient with :meth:`prox`)."""
+        return None
+
+    def solve_diag(self, z: torch.Tensor, d: torch.Tensor, tau: float, layout: GroupLayout, *, rtol: float,
+                   warm: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                   check: bool = True, buffer=None) -> "DiagSolution | None":
+        """Optional fast path of the inexact solver: the same minimiser as :meth:`prox_diag`, to the stopping rule
+        ``||min-norm subgradient of Q at y|| <= rtol * ||d z||`` (``rtol = 0``: to machine precision), with a
+        per-group warm start ``warm`` returned by the previous call. ``out`` is a scratch buffer the result may
+        be written to (it may be ``z`` itself); ``buffer(name)`` returns persistent scratch vectors of ``z``'s
+        size; ``check=False`` runs a fixed number of iterations (no host sync, for accelerators). None (the
+        default) when the regularizer has no such method."""
         return None
 
     def screen(self, z: torch.Tensor, d: torch.Tensor, tau: float, layout: GroupLayout) -> torch.Tensor | None:
@@ -56,6 +72,17 @@ class Regularizer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class DiagSolution(NamedTuple):
+    """What :meth:`Regularizer.solve_diag` returns: the point ``y``, the norm of the minimum-norm subgradient of
+    ``Q`` at ``y`` (a 0-dim tensor, not synced), the iterations run, the warm start for the next call, and
+    whether ``y`` is exact (a closed form)."""
+    y: torch.Tensor
+    residual: torch.Tensor
+    iters: int
+    warm: torch.Tensor | None
+    exact: bool = False
 
 
 _REGISTRY: dict[str, type[Regularizer]] = {}

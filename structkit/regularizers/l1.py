@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Regularizer, register_regularizer
+from .base import DiagSolution, Regularizer, register_regularizer
 
 
 def soft_threshold(x: torch.Tensor, t) -> torch.Tensor:
@@ -25,8 +25,20 @@ class L1(Regularizer):
     def prox(self, x, tau, layout):
         return soft_threshold(x, layout.expand(tau))
 
+    def prox_(self, x, tau, layout):
+        return torch.copysign((x.abs() - layout.expand(tau)).clamp_min_(0), x, out=x)
+
     def prox_diag(self, z, d, tau, layout):
         return soft_threshold(z, tau / d)
+
+    def solve_diag(self, z, d, tau, layout, *, rtol, warm=None, out=None, check=True, buffer=None):
+        """The closed form ``sign(z) max(|z| - tau / d, 0)`` in persistent buffers (exact: residual 0)."""
+        if buffer is None:
+            def buffer(name):
+                return torch.empty_like(z)
+        shrink = torch.reciprocal(d, out=buffer("y")).mul_(tau)
+        mag = torch.abs(z, out=buffer("den")).sub_(shrink).clamp_min_(0)
+        return DiagSolution(torch.copysign(mag, z, out=shrink), z.new_zeros(()), 0, None, exact=True)
 
     def screen(self, z, d, tau, layout):
         return (d * z).abs() <= tau

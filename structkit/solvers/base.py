@@ -9,10 +9,12 @@ A structkit solver is a ``torch.optim.Optimizer``. Each param group may carry, b
   1 = columns/input channels); or ``group_index`` -- one group index per tensor (see
   :mod:`structkit.layout`), which lets groups span tensors (a filter, its BatchNorm entries, ...).
 
-Per param group the solver works on one flat vector: the tensors are concatenated once per step, all the
-maths runs as a few large kernels over that vector (no loop over tensors or groups), and the result is
-copied back. The state lives flat too, under the group's first parameter, so ``state_dict()`` /
-``load_state_dict()`` round-trip it unchanged.
+Per param group the state lives in flat vectors (the group's tensors end to end, under the group's first
+parameter, so ``state_dict()`` / ``load_state_dict()`` round-trip it unchanged). A step never copies the
+parameters or gradients into flat form: updates that involve them are ``torch._foreach_*`` calls over
+per-tensor views of the flat state, the rest are single kernels over the flat vectors, and per-group
+reductions go through :class:`~structkit.layout.GroupLayout`. Work vectors are allocated once per param
+group and reused (:meth:`StructuredOptimizer._buffer`), so a step allocates no parameter-sized memory.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch.optim import Optimizer
 
 from ..layout import GroupLayout, group_dim_indices
 from ..regularizers import get_regularizer
-from .subproblem import METHODS, SubproblemInfo
+from .subproblem import METHODS, SubproblemInfo, solve_subproblem
 
 
 class StructuredOptimizer(Optimizer):
@@ -130,18 +132,35 @@ class StructuredOptimizer(Optimizer):
                 continue
             if any(p.grad is not None and p.grad.is_sparse for p in params):
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients.")
-            layout = self._layout(group)
-            w = torch.cat([p.reshape(-1) for p in params], out=self._buffer(group, "w", params[0]))
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-            g = torch.cat([q.reshape(-1) for q in grads], out=self._buffer(group, "g", params[0]))
-            new_w = self._update(group, self._flat_state(group), w, g, layout, get_regularizer(group["regularizer"]))
-            torch._foreach_copy_(params, layout.split(new_w))
+            self._update(group, self._flat_state(group), params, self._layout(group),
+                         get_regularizer(group["regularizer"]))
         self._stats["steps"] += 1
         return loss
 
-    def _update(self, group, state, w, g, layout, reg) -> torch.Tensor:
-        """Return the new flat parameters of one group (``w`` is a fresh copy and may be changed in place)."""
+    def _update(self, group, state, params, layout, reg) -> None:
+        """Update the parameters of one group in place."""
         raise NotImplementedError
+
+    @staticmethod
+    def _with_grad(params, views) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The per-tensor ``views`` of a flat state vector and the gradients, for the parameters that have one
+        (a missing gradient counts as 0, so its entries are skipped by additive updates)."""
+        pairs = [(v, p.grad) for p, v in zip(params, views) if p.grad is not None]
+        return [v for v, _ in pairs], [g for _, g in pairs]
+
+    def _solve(self, group, state, reg, z, d, tau, layout, warm_start):
+        """The step's subproblem (``solve_subproblem``) at tolerance ``inner_tol / t^(0.5 + inner_delta)``, in the
+        group's persistent work vectors (``z`` is used as scratch), carrying the regularizer's warm start in
+        ``state["dual_warm"]`` (one number per group). Returns the solution and the solve's info."""
+        rtol = group["inner_tol"] / state["step"] ** (0.5 + group["inner_delta"])
+        y, info = solve_subproblem(reg, z, d, tau, layout, warm_start=warm_start, rtol=rtol,
+                                   max_iter=int(group["inner_max_iter"]), method=group["subproblem"],
+                                   dual_warm=state.get("dual_warm"), overwrite_z=True,
+                                   buffer=lambda name: self._buffer(group, "solve_" + name, z))
+        self._record(info, layout.num_groups)
+        if info.dual_warm is not None:
+            state["dual_warm"] = info.dual_warm
+        return y, info
 
     # ---- stage-wise restarts ----
     @torch.no_grad()
@@ -158,10 +177,10 @@ class StructuredOptimizer(Optimizer):
             group["momentum_ramp"] = momentum_ramp
             state = self._flat_state(group) if group["params"] else {}
             if state:
-                self._restart_state(group, state, self._layout(group).flatten(group["params"]))
+                self._restart_state(group, state, group["params"], self._layout(group))
 
-    def _restart_state(self, group, state, w) -> None:
-        """Reset the per-stage state at the current flat point ``w`` (no-op for solvers without one)."""
+    def _restart_state(self, group, state, params, layout) -> None:
+        """Reset the per-stage state at the current parameters (no-op for solvers without one)."""
 
     # ---- statistics ----
     @staticmethod

@@ -15,27 +15,34 @@ class DualAveragingOptimizer(StructuredOptimizer):
 
     _unit_interval = ("momentum",)
 
-    def _restart_state(self, group, state, w):
+    def _restart_state(self, group, state, params, layout):
         state["step"] = 0
         state["alpha"] = 0.0
-        state["W0"] = w.clone()
-        state["V"] = torch.zeros_like(w)
+        for key in self._dual_keys:
+            if key in state and state[key].numel() == layout.numel:
+                state[key].zero_()  # reuse the memory: a restart allocates nothing
+            else:
+                state[key] = params[0].new_zeros(layout.numel)
+        torch._foreach_copy_(layout.split(state["W0"]), list(params))
 
-    def _dual_average(self, group, state, w, g) -> tuple[int, float]:
-        """Advance the dual average by gradient ``g``; return (t, s) of this step."""
+    _dual_keys = ("W0", "V")
+
+    def _dual_average(self, group, state, params, layout) -> tuple[int, float]:
+        """Advance the dual average by the gradients; return (t, s) of this step."""
         if not state:
-            self._restart_state(group, state, w)
+            self._restart_state(group, state, params, layout)
         state["step"] += 1
         t = state["step"]
         s = group["lr"] * math.sqrt(t)
         state["alpha"] += s
-        state["V"].add_(g, alpha=s)
+        views, grads = self._with_grad(params, layout.split(state["V"]))
+        torch._foreach_add_(views, grads, alpha=s)
         return t, s
 
     @staticmethod
-    def _average(group, w, target, t) -> torch.Tensor:
-        """``(1 - c_t) w + c_t target`` in place (``w`` is the step's flat copy)."""
+    def _average(group, params, target, layout, t) -> None:
+        """``W = (1 - c_t) W + c_t target`` in place, ``target`` flat."""
         c = group["momentum"]
         if group["momentum_ramp"]:
             c = min(c * math.sqrt(t), 1.0)
-        return w.lerp_(target, c)
+        torch._foreach_lerp_(list(params), layout.split(target), c)

@@ -1,10 +1,11 @@
 """ProxGen (Yun et al., NeurIPS 2021): proximal Adam, sharing RAMDA's inexact subproblem solver."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import StructuredOptimizer
-from .subproblem import solve_subproblem
 
 
 class ProxGen(StructuredOptimizer):
@@ -37,24 +38,31 @@ class ProxGen(StructuredOptimizer):
 
     _restart_scales_eps = False  # a new stage only scales lr: ProxGen has no dual state, and Adam keeps its eps
 
-    def _update(self, group, state, w, g, layout, reg):
+    def _update(self, group, state, params, layout, reg):
         if not state:
             state["step"] = 0
-            state["m"] = torch.zeros_like(w)
-            state["v"] = torch.zeros_like(w)
+            state["m"] = params[0].new_zeros(layout.numel)
+            state["v"] = params[0].new_zeros(layout.numel)
         state["step"] += 1
         t = state["step"]
         beta1, beta2 = group["betas"]
-        state["m"].lerp_(g, 1 - beta1)
-        state["v"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        D = torch.div(state["v"], 1 - beta2 ** t, out=self._buffer(group, "D", w)).sqrt_().add_(group["eps"])
-        lr = group["lr"]
-        z = torch.addcdiv(w, state["m"], D, value=-lr / (1 - beta1 ** t), out=self._buffer(group, "z", w))
-        tau = lr * group["lam"]
+        m, v = state["m"], state["v"]
+        m_views, grads = self._with_grad(params, layout.split(m))
+        if len(grads) < len(params):  # a missing gradient counts as 0: decay everything, then add
+            m.mul_(beta1)
+            torch._foreach_add_(m_views, grads, alpha=1 - beta1)
+        else:
+            torch._foreach_lerp_(m_views, grads, 1 - beta1)
+        v.mul_(beta2)
+        torch._foreach_addcmul_(self._with_grad(params, layout.split(v))[0], grads, grads, value=1 - beta2)
+        D = torch.sqrt(v, out=self._buffer(group, "D", v)).mul_(1 / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+        step = group["lr"] / (1 - beta1 ** t)
+        tau = group["lr"] * group["lam"]
         if tau == 0:
-            return z
-        rtol = group["inner_tol"] / t ** (0.5 + group["inner_delta"])
-        w_new, info = solve_subproblem(reg, z, D, tau, layout, warm_start=w, rtol=rtol,
-                                       max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
-        self._record(info, layout.num_groups)
-        return w_new
+            torch._foreach_addcdiv_(list(params), layout.split(m), layout.split(D), value=-step)
+            return
+        z = self._buffer(group, "z", v)
+        torch._foreach_copy_(layout.split(z), list(params))
+        z.addcdiv_(m, D, value=-step)
+        w_new, _ = self._solve(group, state, reg, z, D, tau, layout, lambda: layout.flatten(params))
+        torch._foreach_copy_(list(params), layout.split(w_new))

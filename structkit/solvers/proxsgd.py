@@ -1,6 +1,8 @@
 """ProxSGD (Yang et al., ICLR 2020), in the unit-step form used in the RAMDA comparison."""
 from __future__ import annotations
 
+import torch
+
 from .base import StructuredOptimizer
 
 
@@ -19,9 +21,20 @@ class ProxSGD(StructuredOptimizer):
                  group_dim: int | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam, group_dim=group_dim))
 
-    def _update(self, group, state, w, g, layout, reg):
-        if not state:
-            state["buf"] = g.clone()
+    def _update(self, group, state, params, layout, reg):
+        first = not state
+        if first:
+            state["buf"] = params[0].new_zeros(layout.numel)
+        buf = state["buf"]
+        views, grads = self._with_grad(params, layout.split(buf))
+        if first:  # b_1 = g
+            torch._foreach_copy_(views, grads)
+        elif len(grads) < len(params):  # a missing gradient counts as 0
+            buf.mul_(1 - group["momentum"])
+            torch._foreach_add_(views, grads, alpha=group["momentum"])
         else:
-            state["buf"].lerp_(g, group["momentum"])
-        return reg.prox(w.add_(state["buf"], alpha=-group["lr"]), group["lr"] * group["lam"], layout)
+            torch._foreach_lerp_(views, grads, group["momentum"])
+        w = self._buffer(group, "w", buf)
+        torch._foreach_copy_(layout.split(w), list(params))
+        reg.prox_(w.add_(buf, alpha=-group["lr"]), group["lr"] * group["lam"], layout)
+        torch._foreach_copy_(list(params), layout.split(w))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 
 from .dual_averaging import DualAveragingOptimizer
-from .subproblem import solve_subproblem
 
 
 class RAMDA(DualAveragingOptimizer):
@@ -19,9 +18,13 @@ class RAMDA(DualAveragingOptimizer):
 
         W_t = (1 - c_t) W_{t-1} + c_t \hat W_t
 
-    The subproblem is solved by :func:`~structkit.solvers.subproblem.solve_subproblem` (exact when the
-    regularizer allows, else accelerated proximal gradient warm-started at the previous step's ``W_hat``, with
-    the paper's stopping rule at relative tolerance ``inner_tol / t^(0.5 + inner_delta)``, relative to ``||P z||``). With ``lam = 0`` this is MADGRAD.
+    The subproblem is solved inexactly by :func:`~structkit.solvers.subproblem.solve_subproblem` with the
+    paper's stopping rule (minimum-norm subgradient <= ``inner_tol / t^(0.5 + inner_delta)`` times ``||P z||``):
+    for the group lasso by the regularizer's own Newton iteration on the per-group multipliers, warm-started
+    from the previous step's solution (state ``dual_warm``, one number per group); otherwise by accelerated proximal
+    gradient warm-started at the previous step's ``W_hat`` (state ``W_hat``, a fourth parameter-sized vector
+    kept only on this path). State: ``W0``, ``V``, ``U`` (three parameter-sized vectors); work vectors ``P``,
+    ``z`` and the solver's two are reused every step. With ``lam = 0`` this is MADGRAD.
     ``c_t = momentum``, or ``min(momentum * sqrt(t), 1)`` in a stage started with ``momentum_ramp=True``
     (see :class:`~structkit.solvers.StageScheduler`), so the final iterate is ``W_hat`` and carries its
     exact structure.
@@ -41,28 +44,31 @@ class RAMDA(DualAveragingOptimizer):
                                       group_dim=group_dim, inner_tol=inner_tol, inner_delta=inner_delta,
                                       inner_max_iter=inner_max_iter, subproblem=subproblem))
 
-    def _restart_state(self, group, state, w):
-        super()._restart_state(group, state, w)
-        state["U"] = torch.zeros_like(w)
-        state.pop("W_hat", None)  # a new stage warm-starts its first inexact solve at the restart point
+    _dual_keys = ("W0", "V", "U")  # the three parameter-sized state vectors
 
-    def _update(self, group, state, w, g, layout, reg):
-        t, s = self._dual_average(group, state, w, g)
+    def _restart_state(self, group, state, params, layout):
+        super()._restart_state(group, state, params, layout)
+        state.pop("W_hat", None)  # a new stage warm-starts its first inexact solve at the restart point
+        state.pop("dual_warm", None)
+
+    def _update(self, group, state, params, layout, reg):
+        t, s = self._dual_average(group, state, params, layout)
         V, U = state["V"], state["U"]
-        U.addcmul_(g, g, value=s)
-        P = torch.pow(U, 1 / 3, out=self._buffer(group, "P", w)).add_(group["eps"])
-        z = torch.addcdiv(state["W0"], V, P, value=-1, out=self._buffer(group, "z", w))
+        views, grads = self._with_grad(params, layout.split(U))
+        torch._foreach_addcmul_(views, grads, grads, value=s)
+        # P = U^(1/3) + eps; exp(log(U) / 3) is the cube root to an ulp and several times cheaper than pow
+        P = torch.log(U, out=self._buffer(group, "P", U)).mul_(1 / 3).exp_().add_(group["eps"])
+        z = torch.addcdiv(state["W0"], V, P, value=-1, out=self._buffer(group, "z", U))
         tau = state["alpha"] * group["lam"]
         if tau == 0:
-            w_hat = z
-        else:
-            rtol = group["inner_tol"] / t ** (0.5 + group["inner_delta"])
-            # warm start: the previous step's subproblem solution (the subproblems change slowly; the
-            # averaged iterate w lags behind W_hat by the momentum averaging)
-            warm = state.get("W_hat", w)
-            w_hat, info = solve_subproblem(reg, z, P, tau, layout, warm_start=warm, rtol=rtol,
-                                           max_iter=int(group["inner_max_iter"]), method=group["subproblem"])
-            self._record(info, layout.num_groups)
-            if not info.exact:
+            return self._average(group, params, z, layout, t)
+        # primal warm start (proximal-gradient paths): the previous step's subproblem solution, else the
+        # current iterate (the averaged iterate lags behind W_hat by the momentum averaging)
+        warm = state["W_hat"] if "W_hat" in state else (lambda: layout.flatten(params))
+        w_hat, info = self._solve(group, state, reg, z, P, tau, layout, warm)
+        if info.dual_warm is None and not info.exact:  # a proximal-gradient solve: its point is the next warm start
+            if "W_hat" in state:
+                state["W_hat"].copy_(w_hat)
+            else:
                 state["W_hat"] = w_hat.clone()
-        return self._average(group, w, w_hat, t)
+        self._average(group, params, w_hat, layout, t)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .dual_averaging import DualAveragingOptimizer
 
 
@@ -22,8 +24,9 @@ class RMDA(DualAveragingOptimizer):
                  group_dim: int | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam, group_dim=group_dim))
 
-    def _update(self, group, state, w, g, layout, reg):
-        t, _ = self._dual_average(group, state, w, g)
+    def _update(self, group, state, params, layout, reg):
+        t, _ = self._dual_average(group, state, params, layout)
         beta = math.sqrt(t)
-        w_tilde = reg.prox(state["W0"] - state["V"] / beta, state["alpha"] * group["lam"] / beta, layout)
-        return self._average(group, w, w_tilde, t)
+        w_tilde = torch.add(state["W0"], state["V"], alpha=-1 / beta, out=self._buffer(group, "w", state["V"]))
+        reg.prox_(w_tilde, state["alpha"] * group["lam"] / beta, layout)
+        self._average(group, params, w_tilde, layout, t)

@@ -8,8 +8,10 @@ Both solvers need, every step, the minimiser of
 ``<V, W - W0> + 1/2 ||W - W0||_P^2 + alpha psi(W)`` up to a constant). With a non-uniform diagonal ``d``
 there is in general no closed form, so :func:`solve_subproblem`
 
-1. uses the regularizer's exact diagonal solution when it has one (``method="auto"`` or ``"exact"``; L1
-   and the group lasso's 1-D root solve), otherwise
+1. uses the regularizer's own diagonal-metric solver when it has one (``method="auto"``: its ``solve_diag``,
+   e.g. the group lasso's warm-started Newton iteration on the per-group multiplier, stopped by the same
+   subgradient rule as below; ``"exact"``: its ``prox_diag``, to machine precision; L1 is exact in closed
+   form), otherwise
 2. runs proximal gradient from the warm start (the solver passes its previous point):
        u_{j+1} = prox_{theta tau psi}(x_j - theta * d * (x_j - z)),   theta_g = 1 / max_{i in g} d_i
    (per group, valid because psi is separable over groups; halved for non-convex psi), zeroing the groups
@@ -33,6 +35,7 @@ there is in general no closed form, so :func:`solve_subproblem`
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +49,13 @@ METHODS = ("auto", "exact", "pg", "apg")
 @dataclass
 class SubproblemInfo:
     """What one solve did: inner iterations (0 for an exact solve), the last certificate value (a 0-dim
-    tensor; not synced), and the number of groups screened to zero (a 0-dim tensor)."""
+    tensor; not synced), the number of groups screened to zero (a 0-dim tensor), and ``dual_warm``: the
+    regularizer's warm start for the next solve (``solve_diag`` path only)."""
     iters: int
     residual: torch.Tensor
     screened: torch.Tensor
     exact: bool
+    dual_warm: torch.Tensor | None = None
 
 
 def subproblem_objective(reg: Regularizer, y, z, d, tau, layout) -> torch.Tensor:
@@ -68,23 +73,37 @@ def _prox_with_value(reg: Regularizer, x, tau, layout):
 
 
 def solve_subproblem(reg: Regularizer, z: torch.Tensor, d: torch.Tensor, tau: float, layout: GroupLayout, *,
-                     warm_start: torch.Tensor, rtol: float, max_iter: int = 100,
-                     check_every: int | None = None, method: str = "auto") -> tuple[torch.Tensor, SubproblemInfo]:
+                     warm_start: torch.Tensor | Callable[[], torch.Tensor], rtol: float, max_iter: int = 100,
+                     check_every: int | None = None, method: str = "auto", dual_warm: torch.Tensor | None = None,
+                     buffer: Callable[[str], torch.Tensor] | None = None,
+                     overwrite_z: bool = False) -> tuple[torch.Tensor, SubproblemInfo]:
     """Approximately minimise ``Q`` (see the module docstring). The certificate must fall below
     ``rtol * ||d z||`` (the subgradient scale of Q at 0, so the rule does not depend on units);
-    ``method`` is ``"auto"`` (exact when available, else accelerated PG for convex psi and plain PG
-    otherwise), ``"exact"``, ``"pg"`` (plain proximal gradient) or ``"apg"`` (accelerated; convex psi only)."""
+    ``method`` is ``"auto"`` (the regularizer's own solver when it has one, else accelerated PG for convex psi
+    and plain PG otherwise), ``"exact"``, ``"pg"`` (plain proximal gradient) or ``"apg"`` (accelerated;
+    convex psi only). ``warm_start`` (a tensor, or a function returning one, called only by the PG paths) is
+    the primal start; ``dual_warm`` the previous solve's ``info.dual_warm``. ``buffer(name)`` gives
+    persistent scratch vectors and ``overwrite_z`` lets the solve use ``z``'s memory: the optimizers pass
+    both, so a step allocates no parameter-sized memory."""
     if method not in METHODS:
         raise ValueError(f"subproblem method must be one of {METHODS}, got {method!r}.")
+    on_cpu = z.device.type == "cpu"
     if check_every is None:  # a check is a host sync: free on CPU, so check every iteration there
-        check_every = 1 if z.device.type == "cpu" else 5
+        check_every = 1 if on_cpu else 5
     zero = z.new_zeros(())
     if method in ("auto", "exact"):
+        own = reg.solve_diag(z, d, tau, layout, rtol=rtol if method == "auto" else 0.0, warm=dual_warm,
+                             out=z if overwrite_z else None, check=on_cpu or method == "exact", buffer=buffer)
+        if own is not None:
+            screened = zero if own.warm is None else torch.isinf(own.warm).sum().to(z.dtype)
+            return own.y, SubproblemInfo(own.iters, own.residual, screened, own.exact or method == "exact", own.warm)
         exact = reg.prox_diag(z, d, tau, layout)
         if exact is not None:
             return exact, SubproblemInfo(0, zero, zero, True)
         if method == "exact":
             raise ValueError(f"regularizer '{reg.name}' has no exact diagonal-metric solution; use method='pg' or 'auto'.")
+    if callable(warm_start):
+        warm_start = warm_start()
     if method == "apg" and not reg.convex:
         raise ValueError(f"regularizer '{reg.name}' is not convex; the accelerated solver needs convexity (use 'pg').")
     accelerate = method == "apg" or (method == "auto" and reg.convex)
