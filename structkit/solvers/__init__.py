@@ -18,7 +18,7 @@ from .proxgen import ProxGen
 from .proxsgd import ProxSGD
 from .ramda import RAMDA
 from .rmda import RMDA
-from .schedule import StageScheduler
+from .schedule import StageScheduler, final_stage_ramp_steps
 from .subproblem import solve_subproblem
 
 SOLVERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -41,5 +41,5 @@ def get_solver(name: str) -> type[torch.optim.Optimizer]:
     raise ValueError(f"unknown solver {name!r}.{hint} Available: {', '.join(list_solvers())}.")
 
 
-__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxGen", "StageScheduler", "StructuredOptimizer", "get_solver",
+__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxGen", "StageScheduler", "final_stage_ramp_steps", "StructuredOptimizer", "get_solver",
            "list_solvers", "solve_subproblem"]

@@ -40,7 +40,7 @@ class StructuredOptimizer(Optimizer):
     _restart_scales_eps: bool = True
 
     def __init__(self, params, defaults: dict[str, Any]):
-        base = dict(regularizer="none", lam=0.0, group_dim=None, group_index=None, momentum_ramp=False)
+        base = dict(regularizer="none", lam=0.0, group_dim=None, group_index=None, momentum_ramp=False, ramp_steps=None)
         base.update(defaults)
         self._layouts: dict[int, tuple[dict, GroupLayout]] = {}
         self._workspace: dict[int, dict[str, torch.Tensor]] = {}
@@ -164,17 +164,22 @@ class StructuredOptimizer(Optimizer):
 
     # ---- stage-wise restarts ----
     @torch.no_grad()
-    def restart(self, factor: float = 0.1, momentum_ramp: bool = False) -> None:
+    def restart(self, factor: float = 0.1, momentum_ramp: bool = False, ramp_steps: int | None = None) -> None:
         """Start a new stage: scale lr (and eps, for solvers with ``_restart_scales_eps``) by ``factor``,
-        restart any dual state at the current point, and optionally ramp the averaging momentum to 1
-        (``c_t = min(c sqrt(t), 1)``)."""
+        restart any dual state at the current point, and optionally ramp the averaging momentum to 1:
+        ``c_t = min(max(c sqrt(t), sqrt(t / ramp_steps)), 1)``, which is the paper's ``min(c sqrt(t), 1)`` and in
+        any case reaches 1 by step ``ramp_steps`` (``None``: the paper's ramp alone, 1 at ``t = 1 / c^2``). From
+        then on the iterate is the subproblem's solution, whose zero groups are exactly zero."""
         if not _is_number(factor) or not factor > 0:
             raise ValueError(f"Invalid restart factor {factor!r}; it must be a number > 0 (0.1 is typical).")
+        if ramp_steps is not None and (not isinstance(ramp_steps, int) or isinstance(ramp_steps, bool) or ramp_steps < 1):
+            raise ValueError(f"Invalid ramp_steps {ramp_steps!r}; it must be an integer >= 1 or None.")
         for group in self.param_groups:
             group["lr"] *= factor
             if self._restart_scales_eps and "eps" in group:
                 group["eps"] *= factor
             group["momentum_ramp"] = momentum_ramp
+            group["ramp_steps"] = ramp_steps if momentum_ramp else None
             state = self._flat_state(group) if group["params"] else {}
             if state:
                 self._restart_state(group, state, group["params"], self._layout(group))

@@ -11,7 +11,7 @@ from .base import StructuredOptimizer
 class DualAveragingOptimizer(StructuredOptimizer):
     r"""Per stage: ``t += 1; s = lr sqrt(t); alpha += s; V += s g`` around the stage's start point ``W0``, and the
     iterate ``W = (1 - c_t) W + c_t W_target`` with ``c_t = momentum`` or, in a stage started with
-    ``momentum_ramp=True``, ``min(momentum sqrt(t), 1)``. Subclasses compute ``W_target`` from this state."""
+    ``momentum_ramp=True``, ``min(max(momentum sqrt(t), sqrt(t / ramp_steps)), 1)`` (see ``restart``). Subclasses compute ``W_target`` from this state."""
 
     _unit_interval = ("momentum",)
 
@@ -44,5 +44,5 @@ class DualAveragingOptimizer(StructuredOptimizer):
         """``W = (1 - c_t) W + c_t target`` in place, ``target`` flat."""
         c = group["momentum"]
         if group["momentum_ramp"]:
-            c = min(c * math.sqrt(t), 1.0)
+            c = min(max(c * math.sqrt(t), math.sqrt(t / (group.get("ramp_steps") or math.inf))), 1.0)
         torch._foreach_lerp_(list(params), layout.split(target), c)
