@@ -171,3 +171,20 @@ def test_group_lasso_newton_certificate_is_the_min_norm_subgradient_and_bounds_t
     hot = reg.solve_diag(z2, d2, tau, layout, rtol=1e-4, warm=warm)
     assert hot.iters == 0 < cold.iters
     assert hot.residual <= 1e-4 * torch.linalg.vector_norm(d2 * z2)
+
+
+def test_group_lasso_accelerator_path_runs_fixed_newton_steps_without_host_checks():
+    """check=False (what accelerators use): a fixed number of Newton steps, more from a cold start; the
+    certificate is still returned, and from a warm start one step meets the tolerance a CPU solve would."""
+    g = torch.Generator().manual_seed(4)
+    layout = rows_layout([torch.Size([64, 50])])
+    z = torch.randn(layout.numel, generator=g)
+    d = torch.rand(layout.numel, generator=g).pow(3) * 10 + 0.01
+    reg = get_regularizer("group_lasso")
+    exact = reg.prox_diag(z, d, 0.5, layout)
+    cold = reg.solve_diag(z, d, 0.5, layout, rtol=1e-3, check=False)
+    assert cold.iters == reg.newton_cold_iter and torch.allclose(cold.y, exact, atol=1e-10)
+    z2 = z * 1.001
+    hot = reg.solve_diag(z2, d, 0.5, layout, rtol=1e-3, check=False, warm=cold.warm)
+    assert hot.iters == reg.newton_fixed_iter
+    assert hot.residual <= 1e-3 * torch.linalg.vector_norm(d * z2)

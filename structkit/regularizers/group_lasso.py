@@ -40,7 +40,8 @@ from .base import DiagSolution, Regularizer, register_regularizer
 class GroupLasso(Regularizer):
     grouping = "rows"
     newton_max_iter = 50    # cap when checking; typically 0-2 Newton steps from a warm start
-    newton_fixed_iter = 2   # Newton steps without a host check (accelerators)
+    newton_fixed_iter = 1   # Newton steps without a host check (accelerators), from a warm start
+    newton_cold_iter = 6    # the same without a warm start (the first step of a stage)
 
     def value(self, x, layout):
         return (layout.weights * layout.norms(x)).sum()
@@ -91,7 +92,8 @@ class GroupLasso(Regularizer):
             if valid is not None:
                 d_eff = torch.where(valid, warm, d_eff)
         mu = torch.where(zero, inf, T * d_eff / (norm_a - T).clamp_min(tiny))
-        max_iter = self.newton_max_iter if check else self.newton_fixed_iter
+        max_iter = self.newton_max_iter if check else \
+            (self.newton_fixed_iter if warm is not None else self.newton_cold_iter)
         residual, iters, settled = T.new_zeros(()), 0, False
         for k in range(max_iter + 1):
             # evaluate y(mu) = a / (d + mu); screened groups have mu = inf, so y = 0 there exactly
