@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         if args.debug:
             raise
-        if distributed.rank() == 0:  # under torchrun every rank meets the same error: say it once
+        if _rank() == 0:  # under torchrun every rank meets the same error: say it once
             print(f"structkit: error: {err}", file=sys.stderr)
             print("(run again with --debug for the traceback)", file=sys.stderr)
         return EXIT_ERROR
@@ -79,8 +79,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("run", "train"):
         from . import distributed
-        distributed.init()  # joins torchrun's process group when there is one (a no-op otherwise)
         config = pipeline.load_config(args.config, args.overrides)
+        # joins torchrun's process group when there is one (a no-op otherwise); the backend follows the device
+        distributed.init(config.schedule.device)
         out = args.out or Path("runs") / args.config.stem
         if args.command == "train":
             with pipeline.quiet_warnings(args.quiet):
@@ -98,6 +99,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         stage(args.out, overrides=args.overrides, log=log)
     print(f"structkit: {args.command} done; report: {args.out / 'report.md'}")
     return 0
+
+
+def _rank() -> int:
+    """This process's rank: the process group's, or torchrun's ``RANK`` before the group is joined."""
+    import os
+    from . import distributed
+    if distributed.is_distributed():
+        return distributed.rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _task_of(path: Path) -> str | None:

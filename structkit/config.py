@@ -31,6 +31,8 @@ __all__ = ["Config", "ModelConfig", "DataConfig", "OptimizerConfig", "ScheduleCo
 TRAINING_SECTIONS = ("model", "data", "optimizer", "schedule", "structure")
 #: structure keys of a param group: they come from the structure rules, not from optimizer.options
 _STRUCTURE_KEYS = {"self", "params", "regularizer", "lam", "group_dim", "group_index"}
+#: schedule keys that do not decide the trajectory (left out of the training hash)
+_NOT_TRAJECTORY = ("threads", "device")
 
 
 class ConfigError(ValueError):
@@ -221,7 +223,11 @@ class ScheduleConfig(_Section):
     seed: int = Field(0, description="seed of model initialisation, batch order and recalibration batches")
     bn_recalibration_batches: int = Field(20, description="training batches used to recompute BatchNorm "
                                                           "statistics before every evaluation (0 = off)")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forward under autocast, state in fp32")
+    device: str = Field("auto", description="where training runs: auto (cuda when torch.cuda.is_available(), "
+                                            "else cpu), cpu, cuda or cuda:N; compress, export and bench always "
+                                            "run on the CPU")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: forward under autocast on the run's "
+                                                                   "device, parameters and solver state in fp32")
     threads: int | None = Field(None, description="torch intra-op threads for training and evaluation; null = "
                                                   "torch's default (one per core)")
 
@@ -231,6 +237,14 @@ class ScheduleConfig(_Section):
         if value < 1:
             raise ValueError(f"{info.field_name} must be an integer >= 1; got {value}")
         return value
+
+    @field_validator("device", mode="before")
+    @classmethod
+    def _device(cls, value: Any) -> str:
+        from .device import check_spec  # the format only: whether CUDA is there is checked when training starts
+        if not isinstance(value, str):
+            raise ValueError(f"device must be a string: auto, cpu, cuda or cuda:N; got {value!r}")
+        return check_spec(value)
 
     @field_validator("threads")
     @classmethod
@@ -501,10 +515,11 @@ def _show(value: Any) -> str:
 
 def training_view(data: dict[str, Any]) -> dict[str, Any]:
     """The part of a config dict that decides the training trajectory: :data:`TRAINING_SECTIONS`, without
-    ``schedule.threads`` (a thread count may change the last bits of a sum, not the run)."""
+    ``schedule.threads`` and ``schedule.device`` (a thread count or a device may change the last bits of a sum,
+    not the run: a run trained on a GPU resumes on the CPU and vice versa)."""
     view = {k: v for k, v in data.items() if k in TRAINING_SECTIONS}
     if isinstance(view.get("schedule"), dict):
-        view["schedule"] = {k: v for k, v in view["schedule"].items() if k != "threads"}
+        view["schedule"] = {k: v for k, v in view["schedule"].items() if k not in _NOT_TRAJECTORY}
     return view
 
 

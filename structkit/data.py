@@ -233,17 +233,18 @@ def digits(val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0
 # --------------------------------------------------------------------------------------------------- loaders
 
 def make_loaders(splits: Splits, batch_size: int, *, seed: int = 0, eval_batch_size: int = 1024,
-                 sampler: Sampler | None = None) -> tuple[DataLoader, DataLoader, DataLoader]:
+                 sampler: Sampler | None = None, pin_memory: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
     """DataLoaders ``(train, val, test)`` over ``splits``.
 
     The training loader shuffles with a ``torch.Generator`` seeded with ``seed``, so the batch order of a run
     is reproducible; pass ``sampler`` (e.g. a ``DistributedSampler``, which has its own seed and
     ``set_epoch``) to take over the order instead. Validation and test loaders keep the split's order.
     ``num_workers=0``: the data are in-memory tensors, worker processes would only add start-up cost.
+    ``pin_memory``: page-locked batches, for a run on a GPU (the copies to it then do not block the host).
     """
     generator = torch.Generator().manual_seed(seed)
     train = DataLoader(splits.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                       generator=generator, num_workers=0)
-    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, num_workers=0)
-    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, num_workers=0)
+                       generator=generator, num_workers=0, pin_memory=pin_memory)
+    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, num_workers=0, pin_memory=pin_memory)
+    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, num_workers=0, pin_memory=pin_memory)
     return train, val, test

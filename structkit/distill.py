@@ -70,8 +70,12 @@ defaults below are the module's, ``configs/minilm.yaml`` spells them out)::
                               #   without it the loss and the gradients start at exactly 0 and an adaptive
                               #   solver's metric (RAMDA's U^(1/3), Adam's sqrt(v)) is 0 too: the first steps then
                               #   shrink every group at once
-      precision: bf16         # bf16: the student's forward under CPU autocast (weights, solver state, teacher and
-                              #   all evaluation stay float32); about 2x faster on CPUs with AVX512-BF16; or fp32
+      precision: bf16         # bf16: the student's forward under autocast on train.device (weights, solver state,
+                              #   teacher and all evaluation stay float32); about 2x faster on CPUs with
+                              #   AVX512-BF16; or fp32
+      device: auto            # where the student trains (steps (1) and (3)): auto (cuda when available), cpu, cuda,
+                              #   cuda:N. The teacher's embeddings, pruning, verification, quality, ONNX export
+                              #   and timing stay on the CPU
       loss: cosine            # cosine: mean(1 - cos(student, teacher)); mse: mean ||s - t||^2 on normalised
                               #   embeddings (= 2 x the cosine loss)
       sentences: null         # training sentences to draw (null = (steps + finetune.steps) x batch_size: no repeats)
@@ -137,7 +141,7 @@ DEFAULTS: dict[str, Any] = {
                   "gamma": 0.1},
     "finetune": {"steps": 120, "init": "pretrained", "optimizer": "adamw", "lr": 3.0e-4, "options": {}},
     "train": {"steps": 80, "batch_size": 32, "max_length": 64, "dropout": True, "precision": "bf16", "loss": "cosine", "sentences": None, "seed": 0,
-              "threads": 1, "log_every": 10},
+              "threads": 1, "log_every": 10, "device": "auto"},
     "data": {"held_out": 1000, "eval_max_length": 128, "teacher_cache": None},
     "deploy": {"enabled": True, "exporter": "torchscript", "opset": 18, "seq_len": 128, "batch_sizes": [1, 32], "runs": [200, 40],
                "warmup": [20, 5], "threads": 2, "graph_optimization": "fastest", "keep_onnx": True},
@@ -223,6 +227,11 @@ def validate_config(cfg: dict[str, Any]) -> dict[str, Any]:
                      ("deploy", "keep_onnx"), ("structure", "heads"), ("structure", "ffn")):
         _check(isinstance(c[sec][key], bool), f"{sec}.{key} must be true or false; got {c[sec][key]!r}")
     _check(t["precision"] in ("bf16", "fp32"), f"train.precision must be bf16 or fp32; got {t['precision']!r}")
+    from .device import check_spec
+    try:
+        t["device"] = check_spec(t["device"])
+    except ValueError as err:
+        raise ValueError(f"train.{err}") from None
     _check(t["loss"] in ("cosine", "mse"), f"train.loss must be 'cosine' or 'mse'; got {t['loss']!r}")
     _check(t["sentences"] is None or isinstance(t["sentences"], int) and t["sentences"] >= t["batch_size"],
            f"train.sentences must be null or an integer >= train.batch_size; got {t['sentences']!r}")
@@ -483,18 +492,23 @@ def train_student(student: nn.Module, teacher_emb: torch.Tensor, batches, optimi
                   groupset=None, log=None) -> list[dict[str, Any]]:
     """``steps`` optimizer steps of distillation (cycling through ``batches``); the scheduler's ``step()`` is
     called after every optimizer step (milestones count steps). ``dropout``: the student runs in train mode
-    (else in eval mode); ``precision="bf16"`` runs its forward under CPU autocast. Returns history records
-    every ``log_every`` steps."""
+    (else in eval mode); ``precision="bf16"`` runs its forward under autocast. It trains on the device of the
+    student's parameters (batches and ``teacher_emb`` rows are moved there). Returns history records every
+    ``log_every`` steps."""
+    from .training import _model_device, _to
+    device = _model_device(student)
     student.train(dropout)
     history, losses = [], []
     norms0 = groupset.norms() if groupset is not None else None
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         idx, enc = batches[(step - 1) % len(batches)]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        enc = {k: _to(v, device) for k, v in enc.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             hidden = student(**enc).last_hidden_state
         emb = mean_pool(hidden.float(), enc["attention_mask"])
-        loss = distillation_loss(emb, teacher_emb[torch.as_tensor(idx)], loss_kind)
+        target = _to(teacher_emb[torch.as_tensor(idx)], device)
+        loss = distillation_loss(emb, target, loss_kind)
         value = loss.item()
         if not math.isfinite(value):
             raise RuntimeError(f"distillation loss is {value} at step {step}; lower optimizer.lr or structure.lam")
@@ -644,6 +658,8 @@ def run_sentence_distillation(cfg: dict[str, Any], out_dir: str | Path, *, log=N
     from .solvers import StageScheduler, get_solver
     log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     cfg = validate_config(cfg)
+    from .device import describe, resolve
+    device = resolve(cfg["train"]["device"])  # fails here, before any loading, when CUDA is asked for and absent
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -702,24 +718,29 @@ def run_sentence_distillation(cfg: dict[str, Any], out_dir: str | Path, *, log=N
         report["quality_before_training"] = quality(teacher_held, before)
         log(f"magnitude-pruned to heads {heads_kept}, FFN {ffn_kept}: held-out cosine "
             f"{report['quality_before_training']['cosine_mean']:.4f} before distillation")
+        student.to(device)  # in place, before the solver: its state lives with the parameters
         params = [p for p in student.parameters() if p.requires_grad]
         optimizer = get_solver(o["name"])([{"params": params}], **_solver_kwargs(o))
     else:
         groupset = group_encoder(student, example, s["lam"], s["ffn_lam"], s["heads"], s["ffn"])
         report["groups"] = groupset.describe()
+        student.to(device)  # in place (the GroupSet keeps its parameters), before the solver
         optimizer = get_solver(o["name"])(_trainable_param_groups(groupset.param_groups()), **_solver_kwargs(o))
     scheduler = StageScheduler(optimizer, milestones=o["milestones"], gamma=o["gamma"])
     log(f"training {cfg['method']} ({o['name']}, lr {o['lr']:g}"
         + (f", lam {s['lam']:g}" if cfg["method"] == "structured" else "")
         + f") for {t['steps'] + (ft if cfg['method'] == 'magnitude' else 0)} steps of "
-        f"{t['batch_size']}, {torch.get_num_threads()} thread(s)")
+        f"{t['batch_size']} on {describe(device)}, {torch.get_num_threads()} thread(s)")
     steps = t["steps"] + (ft if cfg["method"] == "magnitude" else 0)
     t0 = time.perf_counter()
     history = train_student(student, teacher_train, train_batches, optimizer, scheduler, steps,
                             loss_kind=t["loss"], log_every=t["log_every"], dropout=t["dropout"], precision=t["precision"],
                             groupset=groupset, log=log)
     report["train"] = {"seconds": time.perf_counter() - t0, "history": history, "threads": torch.get_num_threads(),
+                       "device": str(device),
                        "solver_stats": optimizer.solver_stats() if hasattr(optimizer, "solver_stats") else None}
+    student.cpu()  # pruning, verification, quality, export and timing run on the CPU
+    del optimizer, scheduler  # their state lived on train.device
 
     if groupset is not None:
         report["group_metrics"] = {k: v for k, v in groupset.metrics().items() if k != "layers"}
@@ -753,6 +774,7 @@ def run_sentence_distillation(cfg: dict[str, Any], out_dir: str | Path, *, log=N
                 f"fine-tuning the slim model ({cfg['finetune']['optimizer']}, lr {cfg['finetune']['lr']:g}) for "
                 f"{ft} steps")
             f = cfg["finetune"]
+            slim.to(device)  # fine-tuning trains on train.device too; back to the CPU below
             params = [p for p in slim.parameters() if p.requires_grad]
             fopt = get_solver(f["optimizer"])([{"params": params}], **_solver_kwargs({"name": f["optimizer"],
                                                                                      "lr": f["lr"], "momentum": None,
@@ -762,6 +784,8 @@ def run_sentence_distillation(cfg: dict[str, Any], out_dir: str | Path, *, log=N
                                   StageScheduler(fopt), ft, loss_kind=t["loss"], log_every=t["log_every"],
                                   dropout=t["dropout"], precision=t["precision"], log=log)
             report["finetune"] = {"seconds": time.perf_counter() - t0, "history": fhist}
+            slim.cpu()
+            del fopt
     else:
         slim = student
     slim.eval()

@@ -13,6 +13,13 @@ Resuming (``resume=True``) continues from the last checkpoint: model, optimizer 
 the torch / numpy / Python random states and the training loader's generator are restored, so a resumed run
 produces exactly the numbers of an uninterrupted one. A checkpoint is only resumed under the same training
 settings (:data:`structkit.config.TRAINING_SECTIONS`); prune and deploy settings may change.
+
+Devices: ``train`` runs on ``schedule.device`` (model, batches, solver state; :mod:`structkit.device`).
+Checkpoints hold CPU tensors and are read with ``map_location="cpu"``, and the device is not part of the
+training settings, so a run trained on a GPU resumes on the CPU and vice versa. ``compress`` (BatchNorm
+recalibration, test accuracy, pruning and its verification), ``export`` and ``bench`` always run on the CPU,
+on a model rebuilt from the last checkpoint (a CPU copy of the trained weights): the pruning and the ONNX export
+are CPU code here, and ONNX Runtime's latency is measured with its CPU execution provider.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import sys
 import time
 import uuid
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .config import Config, ConfigError, apply_overrides, load_config, training_hash, training_view, validate
 from . import distributed
+from .device import describe as describe_device, resolve as resolve_device
 from .training import NonFiniteError, evaluate, recalibrate_batchnorm, train_epoch
 
 __all__ = ["run", "train", "compress", "export", "bench", "inspect", "RunFolder", "Log"]
@@ -102,16 +111,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "loader": generator.get_state()}
+def _rng_state(generator: torch.Generator, device: torch.device | None = None) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "loader": generator.get_state()}
+    if device is not None and device.type == "cuda":  # dropout and the like draw from the GPU's generator
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     generator.set_state(state["loader"])
+    if device is not None and device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _to_cpu(data: Any) -> Any:
+    """``data`` (nested dicts / lists / tuples of tensors, as in a state dict) with every tensor on the CPU."""
+    if torch.is_tensor(data):
+        return data.detach().cpu()  # the tensor itself when it already is on the CPU
+    if isinstance(data, dict):
+        out = {k: _to_cpu(v) for k, v in data.items()}
+        if isinstance(data, OrderedDict):  # a module's state dict: keep its _metadata (format versions)
+            out = OrderedDict(out)
+            if hasattr(data, "_metadata"):
+                out._metadata = data._metadata
+        return out
+    if isinstance(data, list):
+        return [_to_cpu(v) for v in data]
+    if isinstance(data, tuple) and not hasattr(data, "_fields"):
+        return tuple(_to_cpu(v) for v in data)
+    return data
 
 
 def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -347,6 +379,9 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
 
     main = distributed.is_main()  # under torchrun only rank 0 writes files and prints
     log = (log or Log()) if main else Log(quiet=True)
+    # before anything is written: a CUDA run on a machine without CUDA fails here, naming the fix
+    device = resolve_device(config.schedule.device,
+                            local_rank=distributed.local_rank() if distributed.is_distributed() else None)
     folder = RunFolder(out)
     started = time.perf_counter()
     checkpoint = _start(folder, config, resume, log)
@@ -355,28 +390,31 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
         folder.record_invocation("train", config)
     setup = build(config)
     model, groupset = setup.model, setup.groupset
+    model.to(device)  # in place (the GroupSet keeps its parameters); before the solver, whose state follows them
     solver, scheduler = make_solver(config, groupset)
     from .data import make_loaders
     s = config.schedule
-    train_loader, val_loader, _ = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size)
+    pin = device.type == "cuda"  # page-locked batches: the host -> GPU copies do not block the host
+    train_loader, val_loader, _ = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size,
+                                               pin_memory=pin)
     step_model: nn.Module = model
     if distributed.is_distributed():  # this rank's share of every global batch; DDP averages the gradients
         train_loader = DataLoader(setup.splits.train, num_workers=0, generator=train_loader.generator,
-                                  batch_sampler=distributed.ShardedBatchSampler(
+                                  pin_memory=pin, batch_sampler=distributed.ShardedBatchSampler(
                                       len(setup.splits.train), s.batch_size, distributed.rank(),
                                       distributed.world_size(), train_loader.generator))
-        step_model = nn.parallel.DistributedDataParallel(model)
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {distributed.world_size()} processes ({torch.distributed.get_backend()}), global batch "
             f"{s.batch_size}")
-    recal = _recalibration_batches(setup)
+    recal = [(x.to(device), y.to(device)) for x, y in _recalibration_batches(setup)]  # moved once, reused
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     start_epoch = 0
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        solver.load_state_dict(checkpoint["optimizer"])
+        model.load_state_dict(checkpoint["model"])  # CPU tensors, copied into the parameters on `device`
+        solver.load_state_dict(checkpoint["optimizer"])  # torch.optim moves the state to its parameters' device
         scheduler.load_state_dict(checkpoint["scheduler"])
-        _set_rng_state(checkpoint["rng"], train_loader.generator)
+        _set_rng_state(checkpoint["rng"], train_loader.generator, device)
         history = checkpoint["history"]
         train_seconds = checkpoint["train_seconds"]
         start_epoch = checkpoint["epoch"]
@@ -388,6 +426,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
         write_text(folder / "config.yaml", config.to_yaml())
     log(f"model {config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{len(groupset)} groups; solver {config.optimizer.name}; {len(setup.splits.train):,} training examples")
+    log(f"training on {describe_device(device)} (schedule.device: {s.device}), precision {s.precision}")
     train_seconds += time.perf_counter() - started
 
     for epoch in range(start_epoch + 1, s.epochs + 1):
@@ -403,7 +442,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
         try:
             try:
                 train_loss = train_epoch(step_model, train_loader, solver, epoch=epoch, precision=s.precision,
-                                         on_step=on_step)
+                                         on_step=on_step, device=device)
             except NonFiniteError as err:
                 files = folder.checkpoint_files()
                 kept = (f"the last good checkpoint {files[-1][1]} (epoch {files[-1][0]}) is kept" if files
@@ -411,8 +450,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
                 raise NonFiniteError(f"{err} ({kept})", err.epoch, err.step) from None
             lr = solver.param_groups[0]["lr"]
             scheduler.step()
-            recalibrate_batchnorm(model, recal, s.precision)
-            val = evaluate(model, val_loader, s.precision)
+            recalibrate_batchnorm(model, recal, s.precision, device=device)
+            val = evaluate(model, val_loader, s.precision, device=device)
             metrics = groupset.metrics()
             stats = _solver_stats(solver)
             seconds = time.perf_counter() - t0
@@ -426,7 +465,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
             train_seconds += seconds
             if main:
                 _save_checkpoint(folder, epoch, config, model, solver, scheduler, train_loader.generator, history,
-                                 train_seconds)
+                                 train_seconds, device)
                 _write_metrics(folder, history)  # after the checkpoint: metrics.jsonl never runs ahead of it
             wgs = metrics["weighted_group_sparsity"]
             bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['accuracy']:.3f}",
@@ -440,7 +479,8 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
         return history[-1]
     _write_metrics(folder, history)
     folder.save_result("train", {"epochs": s.epochs, "seconds": train_seconds, "final": history[-1] if history else None,
-                                 "solver": _solver_summary(config, history), "training_hash": training_hash(config)})
+                                 "solver": _solver_summary(config, history), "training_hash": training_hash(config),
+                                 "device": str(device), "precision": s.precision})
     write_report(folder)
     return history[-1]
 
@@ -469,9 +509,11 @@ def _start(folder: RunFolder, config: Config, resume: bool, log: Log) -> dict[st
 
 
 def _save_checkpoint(folder: RunFolder, epoch: int, config: Config, model, solver, scheduler, generator, history,
-                     train_seconds: float) -> None:
-    state = {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": epoch, "model": model.state_dict(),
-             "optimizer": solver.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(generator),
+                     train_seconds: float, device: torch.device | None = None) -> None:
+    """CPU tensors only (a GPU run's checkpoint loads on a machine without CUDA); written atomically."""
+    state = {"format": CHECKPOINT_FORMAT, "version": 1, "epoch": epoch, "model": _to_cpu(model.state_dict()),
+             "optimizer": _to_cpu(solver.state_dict()), "scheduler": _to_cpu(scheduler.state_dict()),
+             "rng": _rng_state(generator, device),
              "history": history, "train_seconds": train_seconds, "config": config.to_dict(),
              "training_hash": training_hash(config)}
     atomic_write(folder.checkpoint_path(epoch), lambda tmp: torch.save(state, tmp))
@@ -524,6 +566,7 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
     folder.record_invocation("compress", config)
     setup, _ = _trained(folder, config, "compress")
     s = config.schedule
+    _say_cpu(log, folder, "compress", "BatchNorm recalibration, test accuracy, pruning and its verification")
     _, _, test_loader = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size)
     model = setup.model
     recalibrate_batchnorm(model, _recalibration_batches(setup), s.precision)
@@ -559,6 +602,7 @@ def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | No
     folder.require("compress", "export")
     setup, _ = _trained(folder, config, "export")
     slim = _load_slim(folder)
+    _say_cpu(log, folder, "export", "the ONNX export and its check in ONNX Runtime")
     d = config.deploy
     inputs = setup.verify_inputs[:64]
     result = {}
@@ -593,7 +637,7 @@ def bench(out: str | Path, *, overrides: list[str] | None = None, log: Log | Non
 
     d = config.deploy
     log(f"timing dense.onnx and slim.onnx at batch {', '.join(map(str, d.batch_sizes))} "
-        f"({d.threads} threads, {d.warmup} warm-up + {d.runs} timed runs, interleaved)")
+        f"({d.threads} threads, {d.warmup} warm-up + {d.runs} timed runs, interleaved; ONNX Runtime on the CPU)")
     latency = measure_latency({"dense": folder / "dense.onnx", "slim": folder / "slim.onnx"}, make_inputs,
                               d.batch_sizes, threads=d.threads, warmup=d.warmup, runs=d.runs,
                               graph_optimization=d.graph_optimization)
@@ -607,6 +651,14 @@ def bench(out: str | Path, *, overrides: list[str] | None = None, log: Log | Non
             f"{row['speedup']:.2f}x")
     write_report(folder)
     return result
+
+
+def _say_cpu(log: Log, folder: RunFolder, stage: str, what: str) -> None:
+    """Say that a stage runs on the CPU when the training ran elsewhere (results/train.json says where)."""
+    trained_on = (folder.result("train") or {}).get("device", "cpu")
+    if trained_on != "cpu":
+        log(f"{stage}: {what} run on the CPU, on a CPU copy of the weights trained on {trained_on} (from the "
+            f"checkpoint)")
 
 
 def _load_slim(folder: RunFolder) -> nn.Module:

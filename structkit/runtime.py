@@ -4,8 +4,9 @@ glibc returns every freed block larger than its mmap threshold to the kernel, so
 page-faulted in again: on this project's 2-core machine a fresh 11M-element ``x * x`` took 17 ms against 3 ms
 into reused memory. :func:`reuse_freed_memory` raises glibc's mmap and trim thresholds so freed memory is
 reused (the effect PyTorch's CPU tuning guide gets from jemalloc/tcmalloc). It changes the whole process
-(the resident size stays at its peak), so structkit's library code never calls it: the CLI does, and you
-may. Set ``STRUCTKIT_NO_MALLOC_TUNING=1`` to keep the CLI from calling it.
+(the resident size stays at its peak), so it is an opt-in: nothing in structkit calls it, the ``structkit``
+command included (its runs, and ``benchmarks/solver_overhead.py``, use the default allocator a user gets); call it
+yourself at the start of a training script. ``STRUCTKIT_NO_MALLOC_TUNING=1`` turns it into a no-op.
 """
 from __future__ import annotations
 

@@ -3,6 +3,11 @@
 Classification loss only: a model maps a batch to logits ``[N, C]`` (or ``[N, ..., C]`` with labels
 ``[N, ...]``, as a language model does) and the loss is cross entropy. :mod:`structkit.pipeline` strings
 these together with checkpoints and the output folder.
+
+Devices: every function here runs on the device of the model's parameters and moves each batch there
+(``non_blocking``); pass ``device`` to say it explicitly. A training step reads one value back to the host: the
+loss and a finiteness probe of the gradients, fetched together after ``backward()`` so a non-finite loss or
+gradient stops training before the solver step changes any weight.
 """
 from __future__ import annotations
 
@@ -38,6 +43,20 @@ def autocast(precision: str, device_type: str = "cpu"):
     return contextlib.nullcontext()
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); the CPU for a model without either."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; host -> GPU copies are queued without waiting (``non_blocking``)."""
+    return t if t.device == device else t.to(device, non_blocking=device.type == "cuda")
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     if logits.dim() > 2:
@@ -45,34 +64,53 @@ def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
+def _grad_probe(grads: list[torch.Tensor]) -> torch.Tensor:
+    """One number on the gradients' device that is non-finite whenever a gradient entry is (NaN and inf
+    propagate through the sum of 2-norms); it may also overflow for huge finite gradients, so a non-finite
+    probe is confirmed entry by entry before training stops."""
+    if not grads:
+        return torch.zeros(())
+    return torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum()
+
+
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epoch: int,
-                precision: str = "fp32", on_step: Callable[[int, float], None] | None = None) -> float:
+                precision: str = "fp32", on_step: Callable[[int, float], None] | None = None,
+                device: torch.device | str | None = None) -> float:
     """One pass over ``loader``; returns the mean training loss (weighted by batch size).
 
-    Raises :class:`NonFiniteError` (a RuntimeError) naming the epoch and step when the loss or a gradient is
-    not finite, before the solver step (the weights stay those of the last good step)."""
+    Batches go to ``device`` (default: the model's device). Raises :class:`NonFiniteError` (a RuntimeError)
+    naming the epoch and step when the loss or a gradient is not finite, before the solver step (the weights
+    stay those of the last good step). One host sync per step (the loss and the gradient probe, read together);
+    under torchrun one more, the collective on the batch size."""
+    device = torch.device(device) if device is not None else _model_device(model)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     model.train()
     total, seen = 0.0, 0
     for step, (x, y) in enumerate(loader, start=1):
+        x, y = _to(x, device), _to(y, device)
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, x.device.type):
+        with autocast(precision, device.type):
             logits = model(x)
         loss = _loss(logits, y)
-        value = loss.item()
         scale = 1.0
         if distributed.is_distributed():  # one collective: global batch size, and whether any rank went non-finite
+            value = loss.item()
             count, bad_ranks = distributed.all_sum(float(len(y)), 0.0 if math.isfinite(value) else 1.0)
             scale = distributed.world_size() * len(y) / count  # DDP's average of these = the global batch mean
             if bad_ranks and math.isfinite(value):
                 value = float("nan")
-        if not math.isfinite(value):
-            raise NonFiniteError(f"the training loss is {value} at epoch {epoch}, step {step}; training stopped "
-                                 f"before the bad step changed any weight. {_REMEDY}", epoch, step)
+            if not math.isfinite(value):
+                raise _loss_error(value, epoch, step)
         (loss * scale if scale != 1.0 else loss).backward()
-        bad = [n for n, p in model.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        if bad:
-            raise NonFiniteError(f"non-finite gradient of {bad[0]} at epoch {epoch}, step {step}; training stopped "
-                                 f"before the bad step changed any weight. {_REMEDY}", epoch, step)
+        grads = [p.grad for _, p in params if p.grad is not None]
+        value, probe = torch.stack([loss.detach().float(), _grad_probe(grads).to(loss.device)]).tolist()
+        if not math.isfinite(value):
+            raise _loss_error(value, epoch, step)
+        if not math.isfinite(probe):  # rare: find the culprit entry by entry (a huge finite gradient passes)
+            bad = [n for n, p in params if p.grad is not None and not torch.isfinite(p.grad).all()]
+            if bad:
+                raise NonFiniteError(f"non-finite gradient of {bad[0]} at epoch {epoch}, step {step}; training "
+                                     f"stopped before the bad step changed any weight. {_REMEDY}", epoch, step)
         optimizer.step()
         total += value * len(y)
         seen += len(y)
@@ -82,22 +120,33 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
     return total / max(seen, 1)
 
 
+def _loss_error(value: float, epoch: int, step: int) -> NonFiniteError:
+    return NonFiniteError(f"the training loss is {value} at epoch {epoch}, step {step}; training stopped before the "
+                          f"bad step changed any weight. {_REMEDY}", epoch, step)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32") -> dict[str, float]:
-    """Accuracy (fraction in [0, 1]) and mean cross-entropy loss over ``loader``, in eval mode."""
+def evaluate(model: nn.Module, loader: Iterable, precision: str = "fp32",
+             device: torch.device | str | None = None) -> dict[str, float]:
+    """Accuracy (fraction in [0, 1]) and mean cross-entropy loss over ``loader``, in eval mode, on ``device``
+    (default: the model's device); the sums stay on the device and are read once at the end."""
+    device = torch.device(device) if device is not None else _model_device(model)
     was_training = model.training
     model.eval()
-    correct, loss, seen = 0, 0.0, 0
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    loss = torch.zeros((), dtype=torch.float64, device=device)
+    seen = 0
     try:
         for x, y in loader:
-            with autocast(precision, x.device.type):
+            x, y = _to(x, device), _to(y, device)
+            with autocast(precision, device.type):
                 logits = model(x)
-            loss += float(_loss(logits, y)) * y.numel()
-            correct += int((logits.argmax(-1) == y).sum())
+            loss += _loss(logits, y).double() * y.numel()
+            correct += (logits.argmax(-1) == y).sum()
             seen += y.numel()
     finally:
         model.train(was_training)
-    return {"accuracy": correct / max(seen, 1), "loss": loss / max(seen, 1)}
+    return {"accuracy": int(correct) / max(seen, 1), "loss": float(loss) / max(seen, 1)}
 
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
@@ -108,14 +157,16 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], precision: str = "fp32") -> int:
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], precision: str = "fp32",
+                          device: torch.device | str | None = None) -> int:
     """Recompute every BatchNorm's running statistics from ``batches`` (an iterable of ``(x, y)``).
 
     RAMDA's averaged iterate moves faster than BatchNorm's running statistics (momentum 0.1) can follow, so
     evaluating with them gives erratic accuracy (docs: TRAINING_NOTES.md). Here the statistics are reset and
     re-estimated as a cumulative average (``momentum=None``) over the batches, with only the BatchNorm modules in
     train mode (dropout and the like stay in eval mode and consume no random numbers). Every module's
-    train/eval flag and momentum are restored. Returns the number of batches used (0 without BatchNorm)."""
+    train/eval flag and momentum are restored. Batches go to ``device`` (default: the model's device). Returns
+    the number of batches used (0 without BatchNorm)."""
     norms = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not norms:
         return 0
@@ -126,11 +177,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], precision: s
         m.reset_running_stats()
         m.momentum = None
         m.train()
+    device = torch.device(device) if device is not None else _model_device(model)
     used = 0
     try:
         for x, _ in batches:
-            with autocast(precision, x.device.type):
-                model(x)
+            with autocast(precision, device.type):
+                model(_to(x, device))
             used += 1
     finally:
         for m, momentum in zip(norms, momenta):

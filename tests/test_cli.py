@@ -44,6 +44,21 @@ def test_missing_config_and_folder_errors(tmp_path, capsys):
     assert "is a file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_cuda_asked_for_without_cuda_is_one_clear_error(command, tmp_path, capsys, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "gpu"
+    code = main([command, str(DIGITS), "--out", str(out), "--quiet", "--set", "schedule.device=cuda"])
+    err = capsys.readouterr().err
+    assert code == EXIT_ERROR
+    assert err.startswith("structkit: error: schedule.device is 'cuda' but CUDA is not available") and "Traceback" not in err
+    assert "schedule.device: cpu" in err and "auto" in err
+    assert not out.exists()
+    assert main(["run", str(DIGITS), "--out", str(out), "--set", "schedule.device=gpu"]) == EXIT_ERROR
+    assert "schedule.device: device must be auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+
+
 def test_console_entry_point_exit_status_and_no_traceback(tmp_path):
     """The real process: ``python -m structkit`` exits 2 and prints no traceback on a bad config."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}

@@ -133,3 +133,31 @@ def test_training_hash_covers_training_settings_only():
     assert training_hash(load_config(DIGITS, ["deploy.runs=7", "prune.round_to=8", "schedule.threads=2"])) == base
     assert training_hash(load_config(DIGITS, ["structure.0.lam=1e-3"])) != base
     assert training_hash(load_config(DIGITS, ["schedule.seed=1"])) != base
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("cpu", "cpu"), ("cuda", "cuda"), ("cuda:1", "cuda:1"),
+                                             ("CUDA:0", "cuda:0"), (" cpu ", "cpu")])
+def test_schedule_device_accepts_auto_cpu_cuda_and_cuda_n(value, expected):
+    # only the format is checked here (no CUDA query): a config written for a GPU machine loads anywhere
+    assert load_config(DIGITS, [f"schedule.device='{value}'"]).schedule.device == expected
+    assert load_config(DIGITS).schedule.device == "auto"
+
+
+@pytest.mark.parametrize("value", ["gpu", "cpu:0", "cuda:x", "cuda:-1", "mps", "1", "auto:0", "null"])
+def test_schedule_device_rejects_other_strings_naming_the_accepted_ones(value):
+    message = _error([f"schedule.device={value}"])
+    assert "schedule.device" in message and "auto, cpu, cuda or cuda:N" in message, message
+
+
+def test_device_is_not_a_training_setting_so_runs_resume_across_devices():
+    base = load_config(DIGITS)
+    for device in ("cpu", "cuda", "cuda:3"):
+        assert training_hash(load_config(DIGITS, [f"schedule.device={device}"])) == training_hash(base)
+    # and the hash is the one a config from before schedule.device existed had (old checkpoints still resume)
+    import hashlib
+    import json
+    from structkit.config import training_view
+    old = base.to_dict()
+    del old["schedule"]["device"]
+    view = training_view(old)
+    assert hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16] == training_hash(base)

@@ -179,6 +179,18 @@ def test_config_file_parses_and_validates():
         distill.validate_config({"method": "magnitude"})
 
 
+def test_train_device_is_validated_and_cuda_without_cuda_fails_first(tmp_path, monkeypatch):
+    assert distill.validate_config({})["train"]["device"] == "auto"
+    assert distill.validate_config({"train": {"device": "CUDA:1"}})["train"]["device"] == "cuda:1"
+    with pytest.raises(ValueError, match="train.device must be auto, cpu, cuda or cuda:N"):
+        distill.validate_config({"train": {"device": "gpu"}})
+    from structkit.device import DeviceError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        distill.run_sentence_distillation({"train": {"device": "cuda"}}, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
 def _austen_available() -> bool:
     try:
         from structkit.text import AUSTEN_DB

@@ -95,3 +95,75 @@ def test_two_process_gloo_run_equals_one_process_and_only_rank0_writes(tmp_path)
     c = torch.load(out3 / "checkpoints/epoch_0002.pt", weights_only=False)
     for key in a["model"]:
         torch.testing.assert_close(c["model"][key], a["model"][key], atol=1e-5, rtol=0, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ backend and device
+
+from structkit.device import DeviceError  # noqa: E402
+from structkit.distributed import choose_backend  # noqa: E402
+
+
+@pytest.mark.parametrize("device, requested, kw, expected", [
+    ("cpu", None, {}, "gloo"),
+    ("cpu", "", {}, "gloo"),
+    ("cpu", "gloo", {}, "gloo"),
+    ("cuda:0", None, {"cuda_devices": 1}, "nccl"),
+    ("cuda:1", None, {"local_rank": 1, "local_world_size": 2, "cuda_devices": 2}, "nccl"),
+    ("cuda:0", "GLOO", {"cuda_devices": 1}, "gloo"),  # gloo moves CUDA tensors too (slowly): allowed
+])
+def test_backend_follows_the_device(device, requested, kw, expected):
+    assert choose_backend(device, requested, **kw) == expected
+
+
+@pytest.mark.parametrize("device, requested, kw, expected", [
+    ("cpu", "nccl", {}, "NCCL only moves CUDA tensors"),
+    ("cpu", "mpi", {}, "accepted: nccl, gloo"),
+    ("cuda:0", None, {"cuda_devices": 0}, "no CUDA device"),
+    ("cuda:2", None, {"local_rank": 2, "local_world_size": 3, "cuda_devices": 2}, "--nproc_per_node=2"),
+    ("cuda:0", None, {"local_rank": 0, "local_world_size": 4, "cuda_devices": 1}, "4 processes on this node"),
+])
+def test_a_wrong_backend_device_combination_is_a_clear_error(device, requested, kw, expected):
+    with pytest.raises(DeviceError, match=expected) as info:
+        choose_backend(device, requested, **kw)
+    assert "schedule.device" in str(info.value) or "STRUCTKIT_DIST_BACKEND" in str(info.value)
+
+
+def _fake_torchrun(monkeypatch, world=2, local_rank=0, backend=None, cuda=0):
+    """torchrun's environment for one process, with ``cuda`` fake CUDA devices, and an init_process_group that
+    must not be reached."""
+    import torch.distributed as dist
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(world))
+    if backend is None:
+        monkeypatch.delenv("STRUCTKIT_DIST_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("STRUCTKIT_DIST_BACKEND", backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+
+    def never(*a, **k):
+        pytest.fail("init_process_group was reached: the error must come before it")
+    monkeypatch.setattr(dist, "init_process_group", never)
+
+
+@pytest.mark.parametrize("device, setup, expected", [
+    ("cpu", {"backend": "nccl"}, "NCCL only moves CUDA tensors"),
+    ("cuda", {}, "CUDA is not available"),                       # a CPU-only machine
+    ("cuda", {"world": 4, "local_rank": 3, "cuda": 2}, "2 CUDA device"),  # more processes than GPUs
+    ("auto", {"world": 4, "local_rank": 0, "cuda": 2}, "4 processes on this node"),
+    ("cuda:1", {"cuda": 2}, "each process trains on its own GPU"),
+])
+def test_init_refuses_before_init_process_group(monkeypatch, device, setup, expected):
+    from structkit import distributed
+    _fake_torchrun(monkeypatch, **setup)
+    with pytest.raises(DeviceError, match=expected):
+        distributed.init(device)
+
+
+def test_init_is_a_no_op_without_torchrun(monkeypatch):
+    from structkit import distributed
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.init("cuda") is False  # the single-process run reports the device when training starts

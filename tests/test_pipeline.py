@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from structkit import pipeline
-from structkit.config import load_config
+from structkit.config import load_config, training_hash
 from structkit.pipeline import Log, RunFolder
 from structkit.prune import load_slim
 from structkit.training import recalibrate_batchnorm
@@ -198,3 +198,148 @@ def test_bf16_precision_trains_with_float32_state(tmp_path):
     assert record["train_loss"] == record["train_loss"] and record["val_accuracy"] > 0.3
     state = torch.load(tmp_path / "bf16/checkpoints/epoch_0001.pt", weights_only=False)
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+
+
+# ------------------------------------------------------------------------------------------------ devices
+
+def _all_tensors(data):
+    if torch.is_tensor(data):
+        yield data
+    elif isinstance(data, dict):
+        for v in data.values():
+            yield from _all_tensors(v)
+    elif isinstance(data, (list, tuple)):
+        for v in data:
+            yield from _all_tensors(v)
+
+
+def test_cuda_without_cuda_fails_before_training_naming_the_fix(tmp_path, monkeypatch):
+    from structkit.device import DeviceError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0"):
+        with pytest.raises(DeviceError, match=r"CUDA is not available.*schedule\.device: cpu.*auto"):
+            pipeline.train(load_config(DIGITS, [f"schedule.device={device}"]), tmp_path / "gpu", log=QUIET)
+    assert not (tmp_path / "gpu").exists(), "nothing is written before the device is known to work"
+    assert pipeline.resolve_device("auto") == torch.device("cpu")
+
+
+def test_cuda_index_out_of_range_names_the_devices(tmp_path, monkeypatch):
+    from structkit.device import DeviceError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DeviceError, match=r"'cuda:2' but this machine has 2 CUDA device\(s\) \(cuda:0 \.\. cuda:1\)"):
+        pipeline.train(load_config(DIGITS, ["schedule.device=cuda:2"]), tmp_path / "gpu", log=QUIET)
+    assert pipeline.resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert pipeline.resolve_device("auto") == torch.device("cuda", 0)
+
+
+def test_checkpoints_hold_cpu_tensors_and_load_with_map_location(digits_run, monkeypatch):
+    out, _ = digits_run
+    assert json.loads((out / "results/train.json").read_text())["device"] == "cpu"
+    seen = []
+    real = torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("map_location"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", spy)
+    state = RunFolder(out).load_checkpoint(out / "checkpoints/epoch_0006.pt")
+    assert seen == ["cpu"], "a GPU run's checkpoint must load on a machine without CUDA"
+    tensors = list(_all_tensors({k: state[k] for k in ("model", "optimizer", "scheduler", "rng")}))
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+
+
+def test_to_cpu_keeps_state_dict_structure_and_metadata():
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    sd = net.state_dict()
+    moved = pipeline._to_cpu({"model": sd, "list": [torch.ones(1), (torch.zeros(1), 3)], "x": None})
+    assert list(moved["model"]) == list(sd) and moved["model"]._metadata == sd._metadata
+    assert isinstance(moved["list"][1], tuple) and moved["list"][1][1] == 3
+    nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).load_state_dict(moved["model"])
+
+
+def test_a_run_trained_elsewhere_resumes_on_the_cpu(digits_run, tmp_path):
+    """A checkpoint written under schedule.device: cuda (here: its config says so) resumes under cpu and gives
+    the uninterrupted run's weights: the device is not a training setting and checkpoints hold CPU tensors."""
+    done, _ = digits_run
+    out = tmp_path / "moved"
+    (out / "checkpoints").mkdir(parents=True)
+    for epoch in (1, 2, 3, 4, 5):
+        state = torch.load(done / f"checkpoints/epoch_{epoch:04d}.pt", weights_only=False)
+        state["config"]["schedule"]["device"] = "cuda"
+        state["training_hash"] = training_hash(load_config(DIGITS, ["schedule.device=cuda"]))
+        torch.save(state, out / f"checkpoints/epoch_{epoch:04d}.pt")
+    (out / "config.yaml").write_text((done / "config.yaml").read_text().replace("device: auto", "device: cuda"))
+    pipeline.train(load_config(DIGITS, ["schedule.device=cpu"]), out, resume=True, log=QUIET)
+    a = torch.load(done / "checkpoints/epoch_0006.pt", weights_only=False)
+    b = torch.load(out / "checkpoints/epoch_0006.pt", weights_only=False)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+
+
+def test_training_pieces_move_batches_to_the_model_device(device):
+    from structkit.training import NonFiniteError, evaluate, train_epoch
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(device)
+    data = [(torch.randn(16, 4), torch.randint(0, 3, (16,))) for _ in range(4)]  # CPU batches
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    loss = train_epoch(model, data, opt, epoch=1, on_step=lambda step, value: steps.append((step, value)))
+    assert [s for s, _ in steps] == [1, 2, 3, 4] and all(isinstance(v, float) for _, v in steps)
+    assert loss == pytest.approx(sum(v for _, v in steps) / 4)
+    assert recalibrate_batchnorm(model, data) == 4
+    result = evaluate(model, data)
+    assert 0 <= result["accuracy"] <= 1 and result["loss"] > 0
+    assert all(p.device.type == device.type for p in model.parameters())
+    model[0].weight.register_hook(lambda g: g * float("nan"))
+    before = model[0].weight.detach().clone()
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient of 0\.weight at epoch 2, step 1"):
+        train_epoch(model, data, opt, epoch=2)
+    assert torch.equal(model[0].weight.detach(), before)
+
+
+def test_a_huge_finite_gradient_is_not_mistaken_for_a_non_finite_one():
+    from structkit.training import train_epoch
+    model = nn.Linear(3, 2)
+    model.weight.register_hook(lambda g: torch.full_like(g, 3e38))  # its 2-norm overflows float32; it is finite
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_epoch(model, [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))], opt, epoch=1)
+
+
+@pytest.mark.cuda
+def test_digits_end_to_end_on_cuda_then_resumed_on_the_cpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA path is untested on this machine")
+    out = tmp_path / "digits_cuda"
+    report = pipeline.run(DIGITS, out, overrides=[*FAST_BENCH, "schedule.device=cuda"], log=QUIET)
+    train = json.loads((out / "results/train.json").read_text())
+    assert train["device"].startswith("cuda")
+    acc = report["accuracy"]
+    assert acc["trained"] > 0.8, "the digits config should learn on the GPU too"
+    assert acc["slim"] == acc["trained"], "pruning (on the CPU) removes only exact zeros"
+    assert 0 < report["sparsity"]["weighted_group_sparsity"] < 1
+    assert report["params"]["after"] < report["params"]["before"]
+    assert report["verify"]["max_abs_diff_torch"] <= 1e-4 and report["verify"]["max_abs_diff_onnx"] <= 1e-4
+    state = torch.load(out / "checkpoints/epoch_0006.pt", map_location="cpu", weights_only=False)
+    assert all(t.device.type == "cpu" for t in _all_tensors({k: state[k] for k in ("model", "optimizer")}))
+    # the GPU run's checkpoints resume on the CPU
+    moved = tmp_path / "moved"
+    (moved / "checkpoints").mkdir(parents=True)
+    shutil.copy(out / "checkpoints/epoch_0005.pt", moved / "checkpoints")
+    record = pipeline.train(load_config(DIGITS, ["schedule.device=cpu"]), moved, resume=True, log=QUIET)
+    assert record["epoch"] == 6 and record["val_accuracy"] > 0.8
+
+
+@pytest.mark.cuda
+def test_bf16_on_cuda_keeps_float32_parameters_and_solver_state(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA path is untested on this machine")
+    config = load_config(DIGITS, ["schedule.device=cuda", "schedule.precision=bf16", "schedule.epochs=2",
+                                  "optimizer.milestones=[1]"])
+    record = pipeline.train(config, tmp_path / "bf16", log=QUIET)
+    assert record["train_loss"] == record["train_loss"] and record["val_accuracy"] > 0.5
+    state = torch.load(tmp_path / "bf16/checkpoints/epoch_0002.pt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
+    tensors = [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)
+               and v.is_floating_point()]
+    assert tensors and all(v.dtype == torch.float32 and v.device.type == "cpu" for v in tensors)
