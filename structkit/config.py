@@ -373,6 +373,11 @@ class Config(_Section):
         if late:
             raise ValueError(f"optimizer.milestones {self.optimizer.milestones} must all be < schedule.epochs "
                              f"({self.schedule.epochs}): a milestone starts a new stage after that epoch")
+        regularized = any((r.lam or 0) > 0 and r.regularizer != "none" for r in self.structure)
+        if self.optimizer.name in ("ramda", "rmda") and regularized and not self.optimizer.milestones:
+            raise ValueError(f"optimizer.milestones is empty: {self.optimizer.name} reaches exactly-zero groups only in "
+                             "a final stage, which starts at the last milestone and ramps the momentum to 1; set e.g. "
+                             f"milestones: [{max(1, self.schedule.epochs - 1)}] (the last epoch is the final stage)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

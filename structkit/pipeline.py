@@ -26,13 +26,11 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import re
 import subprocess
 import sys
 import time
-import uuid
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from ._io import atomic_write, json_default, load_weights, save_torch, write_json, write_text
 from .config import Config, ConfigError, apply_overrides, load_config, training_hash, training_view, validate
 from . import distributed
 from .device import describe as describe_device, resolve as resolve_device
@@ -71,40 +70,6 @@ class Log:
             print(message, file=sys.stderr, flush=True)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then ``os.replace`` it onto
-    ``path``: a reader sees the old file or the complete new one, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, (Path, torch.dtype, torch.device)):
-        return str(value)
-    if isinstance(value, tuple):
-        return list(value)
-    raise TypeError(f"cannot write {type(value).__name__} to JSON")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -112,7 +77,7 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state(generator: torch.Generator, device: torch.device | None = None) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate(),
              "loader": generator.get_state()}
     if device is not None and device.type == "cuda":  # dropout and the like draw from the GPU's generator
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -121,11 +86,24 @@ def _rng_state(generator: torch.Generator, device: torch.device | None = None) -
 
 def _set_rng_state(state: dict[str, Any], generator: torch.Generator, device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    _set_numpy_rng_state(state["numpy"])
     random.setstate(state["python"])
     generator.set_state(state["loader"])
     if device is not None and device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global random state as a tensor and plain numbers (a checkpoint loads with weights_only=True,
+    which refuses numpy arrays)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["kind"], state["keys"].numpy().astype(np.uint32), state["pos"], state["has_gauss"],
+                         state["cached_gaussian"]))
 
 
 def _to_cpu(data: Any) -> Any:
@@ -228,11 +206,11 @@ class RunFolder:
         return self.checkpoints / f"epoch_{epoch:04d}.pt"
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # truncated zip, pickle errors, ...: all mean the file is unusable
-            raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(err).__name__}: {err}). Delete it "
-                               f"to resume from the previous checkpoint.") from None
+        try:  # tensors and plain data only: opening someone else's run folder never runs code from it
+            state = load_weights(path, "structkit checkpoint")
+        except ValueError as err:  # truncated zip, refused pickled objects, ...: all mean the file is unusable
+            raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({err}). Delete it to resume from the "
+                               f"previous checkpoint.") from None
         if not (isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT):
             raise RuntimeError(f"{path} is not a structkit checkpoint; delete it or pass another --out.")
         return state
@@ -354,10 +332,19 @@ def _recalibration_batches(setup: Setup) -> list[tuple[torch.Tensor, torch.Tenso
     return list(DataLoader(Subset(setup.splits.train, idx), batch_size=s.batch_size, shuffle=False))
 
 
-def make_solver(config: Config, groupset):
+def make_solver(config: Config, groupset, steps_per_epoch: int | None = None):
+    """The configured solver and its StageScheduler. With ``steps_per_epoch`` the final stage ramps the momentum
+    to 1 by its middle (so the run ends with exactly-zero groups whatever the momentum); a schedule whose final
+    stage is too short for that is refused here, before training."""
     from .solvers import StageScheduler, get_solver
     solver = get_solver(config.optimizer.name)(groupset.param_groups(), **config.optimizer.solver_kwargs())
-    scheduler = StageScheduler(solver, milestones=config.optimizer.milestones, gamma=config.optimizer.gamma)
+    length = {} if steps_per_epoch is None or not config.optimizer.milestones else \
+        dict(epochs=config.schedule.epochs, steps_per_epoch=steps_per_epoch)
+    try:
+        scheduler = StageScheduler(solver, milestones=config.optimizer.milestones, gamma=config.optimizer.gamma,
+                                   **length)
+    except ValueError as err:
+        raise ConfigError(f"optimizer.milestones: {err}") from err
     return solver, scheduler
 
 
@@ -391,7 +378,6 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
     setup = build(config)
     model, groupset = setup.model, setup.groupset
     model.to(device)  # in place (the GroupSet keeps its parameters); before the solver, whose state follows them
-    solver, scheduler = make_solver(config, groupset)
     from .data import make_loaders
     s = config.schedule
     pin = device.type == "cuda"  # page-locked batches: the host -> GPU copies do not block the host
@@ -406,6 +392,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {distributed.world_size()} processes ({torch.distributed.get_backend()}), global batch "
             f"{s.batch_size}")
+    solver, scheduler = make_solver(config, groupset, steps_per_epoch=len(train_loader))
     recal = [(x.to(device), y.to(device)) for x, y in _recalibration_batches(setup)]  # moved once, reused
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
@@ -516,11 +503,11 @@ def _save_checkpoint(folder: RunFolder, epoch: int, config: Config, model, solve
              "rng": _rng_state(generator, device),
              "history": history, "train_seconds": train_seconds, "config": config.to_dict(),
              "training_hash": training_hash(config)}
-    atomic_write(folder.checkpoint_path(epoch), lambda tmp: torch.save(state, tmp))
+    save_torch(folder.checkpoint_path(epoch), state)
 
 
 def _write_metrics(folder: RunFolder, history: list[dict[str, Any]]) -> None:
-    write_text(folder / "metrics.jsonl", "".join(json.dumps(r, default=_json_default) + "\n" for r in history))
+    write_text(folder / "metrics.jsonl", "".join(json.dumps(r, default=json_default) + "\n" for r in history))
 
 
 def _solver_summary(config: Config, history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -71,7 +71,7 @@ def test_console_entry_point_exit_status_and_no_traceback(tmp_path):
 
 def test_quiet_prints_only_the_summary_line(tmp_path, capsys):
     code = main(["train", str(DIGITS), "--out", str(tmp_path / "q"), "--quiet",
-                 "--set", "schedule.epochs=1", "optimizer.milestones=[]"])
+                 "--set", "schedule.epochs=2", "optimizer.milestones=[1]"])
     captured = capsys.readouterr()
     assert code == 0
     assert captured.err == ""

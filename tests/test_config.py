@@ -161,3 +161,15 @@ def test_device_is_not_a_training_setting_so_runs_resume_across_devices():
     del old["schedule"]["device"]
     view = training_view(old)
     assert hashlib.sha256(json.dumps(view, sort_keys=True).encode()).hexdigest()[:16] == training_hash(base)
+
+
+def test_a_structured_dual_averaging_run_without_a_final_stage_is_refused_before_training():
+    """RAMDA/RMDA reach exact zeros only in the final stage: no milestones -> a config error naming the fix."""
+    import yaml
+    from structkit.config import ConfigError, validate
+    data = yaml.safe_load(DIGITS.read_text())
+    data["optimizer"]["milestones"] = []
+    with pytest.raises(ConfigError, match=r"milestones is empty.*final stage.*milestones: \[5\]"):
+        validate(data)
+    data["optimizer"]["name"], data["optimizer"]["momentum"] = "proxgen", None  # a prox step is exact every step
+    validate(data)

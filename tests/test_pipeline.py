@@ -80,8 +80,8 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(digits_run, tmp_path):
     shutil.copy(done / "config.yaml", out)
     resumed = pipeline.run(DIGITS, out, resume=True, overrides=FAST_BENCH, log=QUIET)
     assert _numbers(resumed) == _numbers(report)
-    a = torch.load(done / "checkpoints/epoch_0006.pt", weights_only=False)
-    b = torch.load(out / "checkpoints/epoch_0006.pt", weights_only=False)
+    a = torch.load(done / "checkpoints/epoch_0006.pt", weights_only=True)
+    b = torch.load(out / "checkpoints/epoch_0006.pt", weights_only=True)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     no_time = [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in a["history"]]
@@ -193,10 +193,10 @@ def test_recalibration_restores_train_mode():
 
 
 def test_bf16_precision_trains_with_float32_state(tmp_path):
-    config = load_config(DIGITS, ["schedule.precision=bf16", "schedule.epochs=1", "optimizer.milestones=[]"])
+    config = load_config(DIGITS, ["schedule.precision=bf16", "schedule.epochs=2", "optimizer.milestones=[1]"])
     record = pipeline.train(config, tmp_path / "bf16", log=QUIET)
     assert record["train_loss"] == record["train_loss"] and record["val_accuracy"] > 0.3
-    state = torch.load(tmp_path / "bf16/checkpoints/epoch_0001.pt", weights_only=False)
+    state = torch.load(tmp_path / "bf16/checkpoints/epoch_0001.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
 
 
@@ -265,14 +265,14 @@ def test_a_run_trained_elsewhere_resumes_on_the_cpu(digits_run, tmp_path):
     out = tmp_path / "moved"
     (out / "checkpoints").mkdir(parents=True)
     for epoch in (1, 2, 3, 4, 5):
-        state = torch.load(done / f"checkpoints/epoch_{epoch:04d}.pt", weights_only=False)
+        state = torch.load(done / f"checkpoints/epoch_{epoch:04d}.pt", weights_only=True)
         state["config"]["schedule"]["device"] = "cuda"
         state["training_hash"] = training_hash(load_config(DIGITS, ["schedule.device=cuda"]))
         torch.save(state, out / f"checkpoints/epoch_{epoch:04d}.pt")
     (out / "config.yaml").write_text((done / "config.yaml").read_text().replace("device: auto", "device: cuda"))
     pipeline.train(load_config(DIGITS, ["schedule.device=cpu"]), out, resume=True, log=QUIET)
-    a = torch.load(done / "checkpoints/epoch_0006.pt", weights_only=False)
-    b = torch.load(out / "checkpoints/epoch_0006.pt", weights_only=False)
+    a = torch.load(done / "checkpoints/epoch_0006.pt", weights_only=True)
+    b = torch.load(out / "checkpoints/epoch_0006.pt", weights_only=True)
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
 
@@ -320,7 +320,7 @@ def test_digits_end_to_end_on_cuda_then_resumed_on_the_cpu(tmp_path):
     assert 0 < report["sparsity"]["weighted_group_sparsity"] < 1
     assert report["params"]["after"] < report["params"]["before"]
     assert report["verify"]["max_abs_diff_torch"] <= 1e-4 and report["verify"]["max_abs_diff_onnx"] <= 1e-4
-    state = torch.load(out / "checkpoints/epoch_0006.pt", map_location="cpu", weights_only=False)
+    state = torch.load(out / "checkpoints/epoch_0006.pt", map_location="cpu", weights_only=True)
     assert all(t.device.type == "cpu" for t in _all_tensors({k: state[k] for k in ("model", "optimizer")}))
     # the GPU run's checkpoints resume on the CPU
     moved = tmp_path / "moved"
@@ -338,7 +338,7 @@ def test_bf16_on_cuda_keeps_float32_parameters_and_solver_state(tmp_path):
                                   "optimizer.milestones=[1]"])
     record = pipeline.train(config, tmp_path / "bf16", log=QUIET)
     assert record["train_loss"] == record["train_loss"] and record["val_accuracy"] > 0.5
-    state = torch.load(tmp_path / "bf16/checkpoints/epoch_0002.pt", weights_only=False)
+    state = torch.load(tmp_path / "bf16/checkpoints/epoch_0002.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
     tensors = [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)
                and v.is_floating_point()]

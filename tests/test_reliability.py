@@ -226,7 +226,7 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_report(tmp_pat
     assert 1 <= len(epochs) < 5, f"killed mid-training: {epochs}"
     assert not (out / "report.json").exists() or json.loads((out / "report.json").read_text())["params"]["after"] is None
     for path in (out / "checkpoints").glob("epoch_*.pt"):  # every complete-named file is complete
-        assert torch.load(path, weights_only=False)["format"] == "structkit.checkpoint"
+        assert torch.load(path, weights_only=True)["format"] == "structkit.checkpoint"
     for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []:
         json.loads(line)
     yaml.safe_load((out / "config.yaml").read_text())
@@ -245,9 +245,9 @@ def test_sigkill_mid_training_then_resume_gives_the_uninterrupted_report(tmp_pat
 
 @pytest.fixture(scope="module")
 def one_epoch(tmp_path_factory):
-    """A 1-epoch digits training run (in-process)."""
+    """A 2-epoch digits training run (in-process; epoch 2 is the final stage)."""
     out = tmp_path_factory.mktemp("runs") / "one"
-    config = load_config(DIGITS, ["schedule.epochs=1", "optimizer.milestones=[]"])
+    config = load_config(DIGITS, ["schedule.epochs=2", "optimizer.milestones=[1]"])
     pipeline.train(config, out, log=QUIET)
     return out, config
 
@@ -256,12 +256,12 @@ def test_resume_refuses_another_config_listing_the_differences(one_epoch, tmp_pa
     done, _ = one_epoch
     out = tmp_path / "o"
     shutil.copytree(done, out)
-    code, _, err = _cli(["run", str(DIGITS), "--out", str(out), "--resume", "--quiet", "--set", "schedule.epochs=1",
-                         "optimizer.milestones=[]", "optimizer.lr=0.05", "schedule.seed=3"])
+    code, _, err = _cli(["run", str(DIGITS), "--out", str(out), "--resume", "--quiet", "--set", "schedule.epochs=2",
+                         "optimizer.milestones=[1]", "optimizer.lr=0.05", "schedule.seed=3"])
     _assert_clean_error(code, err)
     assert "cannot resume" in err and "optimizer.lr: 0.01 -> 0.05" in err and "schedule.seed: 0 -> 3" in err
-    code, _, err = _cli(["run", str(DIGITS), "--out", str(out), "--quiet", "--set", "schedule.epochs=1",
-                         "optimizer.milestones=[]"])
+    code, _, err = _cli(["run", str(DIGITS), "--out", str(out), "--quiet", "--set", "schedule.epochs=2",
+                         "optimizer.milestones=[1]"])
     _assert_clean_error(code, err)
     assert "--resume" in err
 
@@ -270,16 +270,16 @@ def test_truncated_files_give_a_clear_error(one_epoch, tmp_path):
     done, _ = one_epoch
     out = tmp_path / "o"
     shutil.copytree(done, out)
-    ckpt = out / "checkpoints" / "epoch_0001.pt"
+    ckpt = out / "checkpoints" / "epoch_0002.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:5000])
-    code, _, err = _cli(["train", str(DIGITS), "--out", str(out), "--resume", "--quiet", "--set", "schedule.epochs=1",
-                         "optimizer.milestones=[]"])
+    code, _, err = _cli(["train", str(DIGITS), "--out", str(out), "--resume", "--quiet", "--set", "schedule.epochs=2",
+                         "optimizer.milestones=[1]"])
     _assert_clean_error(code, err)
-    assert "epoch_0001.pt is corrupt or truncated" in err and "Delete it" in err
+    assert "epoch_0002.pt is corrupt or truncated" in err and "Delete it" in err
     # slim model and ONNX files: the stages that read them say which file and how to rebuild it
     (out / "slim.pt").write_bytes(b"PK\x03\x04 not really a zip")
     (out / "results" / "compress.json").write_text("{}")
-    shutil.copy(done / "checkpoints" / "epoch_0001.pt", ckpt)
+    shutil.copy(done / "checkpoints" / "epoch_0002.pt", ckpt)
     code, _, err = _cli(["export", str(out), "--quiet"])
     _assert_clean_error(code, err)
     assert "slim.pt is corrupt, truncated or not a structkit slim model" in err and "structkit compress" in err
@@ -312,14 +312,14 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(tmp_
     monkeypatch.setattr(pipeline, "train_epoch", poisoned)
     out = tmp_path / "nan"
     code, _, err = _cli(["train", str(DIGITS), "--out", str(out), "--quiet", "--set", "schedule.epochs=2",
-                         "optimizer.milestones=[]"])
+                         "optimizer.milestones=[1]"])
     _assert_clean_error(code, err)
     assert "training loss is nan at epoch 2, step 5" in err
     assert "Lower optimizer.lr" in err and "lam" in err
     assert "epoch_0001.pt (epoch 1) is kept" in err
     files = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert files == ["epoch_0001.pt"]
-    state = torch.load(out / "checkpoints" / "epoch_0001.pt", weights_only=False)
+    state = torch.load(out / "checkpoints" / "epoch_0001.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -339,8 +339,8 @@ def test_layer_collapse_is_prevented_and_warned(one_epoch, tmp_path, capsys):
     done, config = one_epoch
     out = tmp_path / "collapse"
     shutil.copytree(done, out)
-    path = out / "checkpoints" / "epoch_0001.pt"
-    state = torch.load(path, weights_only=False)
+    path = out / "checkpoints" / "epoch_0002.pt"
+    state = torch.load(path, weights_only=True)
     for key in ("features.conv2.weight", "features.conv2.bias", "features.bn2.weight", "features.bn2.bias"):
         if key in state["model"]:
             state["model"][key].zero_()
@@ -363,7 +363,7 @@ def test_bf16_forward_under_autocast_with_float32_solver_state(one_epoch, tmp_pa
     assert math.isfinite(record["train_loss"]) and record["val_accuracy"] > 0.5
     fp32 = json.loads((one_epoch[0] / "metrics.jsonl").read_text().splitlines()[0])
     assert record["val_accuracy"] >= fp32["val_accuracy"] - 0.2
-    state = torch.load(tmp_path / "bf16/checkpoints/epoch_0002.pt", weights_only=False)
+    state = torch.load(tmp_path / "bf16/checkpoints/epoch_0002.pt", weights_only=True)
     assert all(v.dtype == torch.float32 for v in state["model"].values() if v.is_floating_point())
     tensors = [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)
                and v.is_floating_point()]
