@@ -342,7 +342,9 @@ def test_verify_compares_dict_and_tuple_outputs():
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 3)
     assert verify(a, a, x) == 0.0
-    assert verify(a, b, x) == pytest.approx(0.5)
+    scale = a(x)["a"].abs().max().item()  # the largest output entry, over every tensor
+    assert verify(a, b, x) == pytest.approx(0.5 / (scale + 1e-12))
+    assert verify(a, b, x, dtype=torch.float64) == pytest.approx(0.5 / (scale + 1e-12), rel=1e-6)
 
 
 def test_macs_are_per_example_in_total_and_per_layer():

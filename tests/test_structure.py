@@ -1,5 +1,8 @@
 """Rules -> groups: rule validation and errors, which entries each kind groups, GroupSet statistics and the
 solver hand-off. (Pruning exactness lives in test_prune.py.)"""
+import re
+import time
+
 import pytest
 import torch
 import torchvision
@@ -364,3 +367,256 @@ def test_registering_a_taken_kind_name_needs_replace(hidden_units_kind):
     with pytest.raises(ValueError, match="already registered"):
         kinds.register_kind("channels")(HiddenUnits)
     assert type(kinds.get_kind("channels")).__name__ == "ChannelsKind"
+
+
+# ---------------------------------------------------------------- issue 15: norms by type, refusals, guards
+class BNAct(nn.BatchNorm2d):
+    """A fused batch norm + activation (like timm's BatchNormAct2d): a BatchNorm2d subclass whose forward also
+    applies the activation, so torch-pruning sees the batch-norm op *inside* the module as an extra node."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class NormNamedCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.normact1 = nn.Conv2d(3, 8, 3, padding=1), BNAct(8)
+        self.conv2, self.normact2 = nn.Conv2d(8, 16, 3, padding=1), BNAct(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.normact2(self.conv2(self.normact1(self.conv1(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_fused_norm_activation_modules_are_norms_by_type_and_their_channels_are_grouped():
+    model = NormNamedCNN().double().eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gs = group_parameters(model, x, CHANNELS)
+    assert [b.label for b in gs.blocks] == ["conv1", "conv2"]
+    tensors = {name for b in gs.blocks for name, _ in b.tensors}
+    assert {"normact1.weight", "normact1.bias", "normact2.weight", "normact2.bias"} <= tensors
+    gs.zero_(torch.tensor([1, 5, 8, 12]))
+    slim, _ = structkit.prune(model, gs, x)
+    assert slim.conv1.out_channels == 6 and slim.normact1.num_features == 6 and slim.conv2.out_channels == 14
+    assert structkit.verify(model, slim, x, dtype=torch.float64) < 1e-12
+
+
+def test_timm_batchnormact2d_is_a_norm():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), timm_layers.BatchNormAct2d(8, act_layer=nn.SiLU), nn.Conv2d(8, 4, 3))
+    gs = group_parameters(model, torch.randn(1, 3, 8, 8), {**CHANNELS, "select": "0"})
+    assert len(gs) == 8 and {"1.weight", "1.bias"} <= {n for n, _ in gs.blocks[0].tensors}
+
+
+class Mixer(nn.Module):
+    """conv -> (functional layer norm | group norm | channel split | channel mean) -> conv"""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.sizes = [3, 5]
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.op == "layer_norm":
+            y = nn.functional.layer_norm(y.permute(0, 2, 3, 1), (8,)).permute(0, 3, 1, 2)
+        elif self.op == "group_norm":
+            y = self.gn(y)
+        elif self.op == "split":
+            p, q = torch.split(y, self.sizes, dim=1)
+            y = torch.cat([p, torch.relu(q)], dim=1)
+        elif self.op == "chunk":
+            p, q = y.chunk(2, dim=1)
+            y = torch.cat([p * q, q], dim=1)
+        elif self.op == "channel_mean":
+            y = y - y.mean(1, keepdim=True)
+        elif self.op == "shuffle":
+            y = y.view(y.shape[0], 2, 4, *y.shape[2:]).transpose(1, 2).reshape(y.shape)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("op, reason", [
+    ("layer_norm", "normalised together"),
+    ("group_norm", "normalised by GroupNorm"),
+    ("split", "split"),
+    ("chunk", "split|could not map channel indices"),
+    ("channel_mean", "reduces over a dimension"),
+    ("shuffle", ""),
+])
+def test_ops_that_mix_or_split_channels_are_refused_with_the_reason(op, reason):
+    model = Mixer(op)
+    with pytest.raises(ValueError, match="the rules produced no group") as err:
+        group_parameters(model, torch.randn(1, 3, 4, 4), {**CHANNELS, "select": "a"})
+    assert "(a: " in str(err.value) and re.search(reason, str(err.value))
+
+
+class GainConv(nn.Conv2d):
+    """A conv with a per-filter gain and weight standardization (like timm's ScaledStdConv2d)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.ones(self.out_channels, 1, 1, 1))
+
+    def forward(self, x):
+        w = nn.functional.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True)
+        return nn.functional.conv2d(x, w.reshape_as(self.weight) * self.gain, self.bias, self.stride, self.padding)
+
+
+class StdConv(nn.Conv2d):
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class BlurPool(nn.Module):
+    """A depthwise blur as a functional conv with a stored filter (like timm's anti-aliasing downsample)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+        self.register_buffer("filt", torch.ones(channels, 1, 2, 2) / 4)
+
+    def forward(self, x):
+        return nn.functional.conv2d(x, self.filt, stride=2, groups=self.channels)
+
+
+@pytest.mark.parametrize("middle, reason", [
+    (lambda: GainConv(8, 8, 1), "parameter(s) gain"),
+    (lambda: StdConv(8, 8, 1), "transforms a layer's weights"),
+    (lambda: BlurPool(8), "functional convolution"),
+])
+def test_layers_whose_state_torch_pruning_cannot_resize_are_refused(middle, reason):
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), middle(), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with pytest.raises(ValueError, match="the rules produced no group") as err:
+        group_parameters(model, torch.randn(1, 3, 4, 4), {**CHANNELS, "select": "0"})
+    assert reason in str(err.value)
+
+
+def test_a_layer_left_out_because_its_coupled_root_was_dropped_is_listed_too():
+    """conv_a and conv_b are summed (one group rooted at conv_a); a sigmoid after the sum makes the zero check
+    drop it: both producers are listed with a reason."""
+
+    class Sum(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_a, self.conv_b, self.out = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.out(torch.sigmoid(self.conv_a(x) + self.conv_b(x)))
+
+    with pytest.raises(ValueError) as err:
+        group_parameters(Sum(), torch.randn(1, 3, 4, 4), {**CHANNELS, "types": ["Conv2d"], "exclude": ["out"]})
+    assert "conv_a: " in str(err.value) and "conv_b: " in str(err.value)
+
+
+# ---------------------------------------------------------------- guards around torch-pruning
+def _hang_on(module_name, model, exc=None):
+    """A get_pruning_group that loops forever (or raises ``exc``) for one root module."""
+    import torch_pruning as tp
+    original = tp.DependencyGraph.get_pruning_group
+    target = model.get_submodule(module_name)
+
+    def patched(self, module, fn, idxs):
+        if module is target:
+            if exc is not None:
+                raise exc
+            while True:  # a pure-Python loop, like torch-pruning's on some attention models
+                pass
+        return original(self, module, fn, idxs)
+    return patched
+
+
+def test_a_group_search_that_never_ends_is_stopped_and_that_layer_refused(monkeypatch):
+    import torch_pruning as tp
+    model = SmallCNN()
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", _hang_on("conv1", model))
+    gs = group_parameters(model, X_CNN, CHANNELS, graph_timeout=0.5)
+    assert [b.label for b in gs.blocks] == ["conv2"]
+    reason = dict(gs.skipped)["conv1"]
+    assert "did not finish the channel group of layer 'conv1' within 0.5 s" in reason
+    assert "conv1: torch-pruning did not finish" in gs.describe()
+
+
+def test_the_time_limit_also_works_outside_the_main_thread(monkeypatch):
+    import threading
+
+    import torch_pruning as tp
+    model = SmallCNN()
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", _hang_on("conv2", model))
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(gs=group_parameters(model, X_CNN, CHANNELS,
+                                                                               graph_timeout=0.5)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert not worker.is_alive()
+    assert [b.label for b in result["gs"].blocks] == ["conv1"]
+    assert "within 0.5 s" in dict(result["gs"].skipped)["conv2"]
+
+
+def test_an_error_inside_torch_pruning_refuses_that_layer_with_a_one_line_message(monkeypatch):
+    import torch_pruning as tp
+    model = SmallCNN()
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", _hang_on("conv2", model, IndexError("boom")))
+    gs = group_parameters(model, X_CNN, CHANNELS)
+    assert [b.label for b in gs.blocks] == ["conv1"]
+    reason = dict(gs.skipped)["conv2"]
+    assert reason == "torch-pruning failed on the channel group of layer 'conv2': IndexError: boom"
+
+
+def test_a_model_torch_pruning_cannot_trace_is_refused_with_structkit_message_first(monkeypatch):
+    import torch_pruning as tp
+
+    def broken(self, graph, *args, **kwargs):
+        raise ZeroDivisionError("integer division or modulo by zero")
+    monkeypatch.setattr(tp.DependencyGraph, "_build_dependency", broken)
+    model = SmallCNN()
+    with pytest.raises(ValueError, match="the model could not be traced: torch-pruning failed on tracing the model") \
+            as err:
+        group_parameters(model, X_CNN, CHANNELS)
+    assert "ZeroDivisionError" in str(err.value)
+    assert all(not m._forward_hooks for m in model.modules())  # torch-pruning's tracing hooks are gone
+
+
+def test_a_trace_that_runs_past_the_limit_leaves_no_hooks_behind():
+    class Slow(SmallCNN):
+        def forward(self, x):
+            if torch.is_grad_enabled():  # only while torch-pruning traces
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline:
+                    pass
+            return super().forward(x)
+
+    model = Slow()
+    with pytest.raises(ValueError, match="did not finish tracing the model"):
+        group_parameters(model, X_CNN, CHANNELS, graph_timeout=0.3)
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_the_cycle_guard_stops_a_group_search_that_keeps_adding_entries():
+    from torch_pruning.dependency import graph as tp_graph
+
+    from structkit.structure._guard import GraphCycle, graph_call
+
+    class Empty:
+        module2node = {}
+
+    def endless():
+        group = tp_graph.Group()
+        while True:
+            group.add_dep(None, [0])
+
+    with pytest.raises(GraphCycle, match="looped on a test search: the group search added more than 1000"):
+        graph_call(endless, "a test search", timeout=None, graph=Empty())
+    assert tp_graph.Group.add_dep is not None and tp_graph.Group.__name__ == "Group"  # restored
+
+
+@pytest.mark.parametrize("timeout", [-1, "60", float("nan")])
+def test_graph_timeout_must_be_a_nonnegative_number(timeout):
+    with pytest.raises(ValueError, match="graph_timeout must be a number of seconds"):
+        group_parameters(SmallCNN(), X_CNN, CHANNELS, graph_timeout=timeout)

@@ -15,13 +15,15 @@ import torch
 from torch import nn
 
 from ..layout import GroupLayout
+from ._guard import DEFAULT_GRAPH_TIMEOUT, check_timeout
 from ._util import check_inputs
 from .kinds import Block, BuildContext, Target, get_kind
 from .matrix import numerical_rank
 from .rules import RuleLike, parse_rules, regularizer_grouping
 
 
-def group_parameters(model: nn.Module, example_inputs: Any, rules: RuleLike | Iterable[RuleLike]) -> GroupSet:
+def group_parameters(model: nn.Module, example_inputs: Any, rules: RuleLike | Iterable[RuleLike], *,
+                     graph_timeout: float | None = DEFAULT_GRAPH_TIMEOUT) -> GroupSet:
     """Build the groups that ``rules`` ask for on ``model``.
 
     ``example_inputs`` is one batch the model accepts: a tensor (called as ``model(x)``), a tuple
@@ -29,9 +31,14 @@ def group_parameters(model: nn.Module, example_inputs: Any, rules: RuleLike | It
     zeroed groups really are removable. Rules are validated, and the inputs checked, before any tracing.
     Raises ValueError for a rule that matches no module, an unknown kind or regularizer, a negative lam,
     and example inputs that do not fit the model.
+
+    ``graph_timeout``: seconds each call into torch-pruning's dependency graph may take (default 60; None or
+    0: no limit). A layer whose group search times out, loops or fails inside torch-pruning gets no group and
+    is listed by :meth:`GroupSet.describe` with a one-line reason; if tracing the whole model fails, every
+    ``channels`` layer is listed that way. Every module a rule assigned that ends up in no group is listed.
     """
     rules = parse_rules(rules)
-    ctx = BuildContext(model, example_inputs, rules)
+    ctx = BuildContext(model, example_inputs, rules, graph_timeout=check_timeout(graph_timeout))
     targets = _assign(ctx)
     check_inputs(model, example_inputs)
     blocks: list[Block] = []
@@ -43,11 +50,23 @@ def group_parameters(model: nn.Module, example_inputs: Any, rules: RuleLike | It
                 continue
             ctx.claimed.update({p: f"{block.kind} '{block.label}'" for p, _ in block.tensors})
             blocks.append(block)
+    _list_left_out(ctx, targets)
     if not blocks:
         reasons = "; ".join(f"{m or '<root>'}: {r}" for m, r in ctx.skipped[:5])
         raise ValueError(f"the rules produced no group: every module they matched was left out ({reasons}). "
                          "Select layers whose structure can be removed exactly (see docs/structure.md).")
     return GroupSet(model, blocks, ctx.skipped)
+
+
+def _list_left_out(ctx: BuildContext, targets: dict[str, list[Target]]) -> None:
+    """Record every assigned module that no block touches and no kind explained (so describe() lists it)."""
+    explained = {m for m, _ in ctx.skipped}
+    for kind_targets in targets.values():
+        for t in kind_targets:
+            own = {ctx.param_names.get(id(p)) for p in t.module.parameters()}
+            if t.name in explained or own & set(ctx.claimed):
+                continue
+            ctx.skip(t.name, f"assigned to kind {t.rule.kind!r} by rule #{t.rule_index} but no group covers it")
 
 
 def _assign(ctx: BuildContext) -> dict[str, list[Target]]:

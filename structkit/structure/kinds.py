@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from ._guard import DEFAULT_GRAPH_TIMEOUT, GraphError, graph_call
 from ._util import call, eval_mode
 
 if TYPE_CHECKING:
@@ -62,8 +63,10 @@ class BuildContext:
     """What a kind sees while building groups: the model, the example inputs, the rule assignments, the
     tensors other blocks already claimed, and a lazily built torch-pruning dependency graph."""
 
-    def __init__(self, model: nn.Module, example_inputs: Any, rules: list[StructureRule]):
+    def __init__(self, model: nn.Module, example_inputs: Any, rules: list[StructureRule],
+                 graph_timeout: float | None = DEFAULT_GRAPH_TIMEOUT):
         self.model = model
+        self.graph_timeout = graph_timeout
         self.example_inputs = example_inputs
         self.rules = rules
         self.names: dict[nn.Module, str] = {m: n for n, m in model.named_modules()}
@@ -73,6 +76,7 @@ class BuildContext:
         self.claimed: dict[str, str] = {}                # parameter name -> label of the block that owns it
         self.skipped: list[tuple[str, str]] = []
         self._graph = None
+        self._graph_error: GraphError | None = None
 
     def param(self, module: nn.Module, attr: str) -> str | None:
         """Canonical name (as in ``model.named_parameters()``) of ``module.<attr>``, or None if it is no
@@ -85,13 +89,30 @@ class BuildContext:
         self.skipped.append((module, reason))
 
     def dependency_graph(self):
-        """torch-pruning's dependency graph of the model, traced once in eval mode on the example inputs."""
+        """torch-pruning's dependency graph of the model, traced once in eval mode on the example inputs, under
+        the time limit (``graph_timeout``). Raises :class:`~structkit.structure._guard.GraphError` (one line,
+        chained to torch-pruning's error) if tracing fails or times out; the error is remembered."""
+        if self._graph_error is not None:
+            raise self._graph_error
         if self._graph is None:
-            import torch_pruning as tp
-            with torch.enable_grad(), eval_mode(self.model):
-                self._graph = tp.DependencyGraph().build_dependency(
-                    self.model, self.example_inputs, forward_fn=lambda m, x: call(m, x), verbose=False)
+            try:
+                self._graph = build_graph(self.model, self.example_inputs, self.graph_timeout)
+            except GraphError as err:
+                self._graph_error = err
+                raise
         return self._graph
+
+
+def build_graph(model: nn.Module, example_inputs: Any, timeout: float | None):
+    """Trace ``model`` with torch-pruning (eval mode, gradients on) under the time limit and cleanup of
+    :func:`~structkit.structure._guard.graph_call`."""
+    import torch_pruning as tp
+
+    def trace():
+        with torch.enable_grad(), eval_mode(model):
+            return tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=lambda m, x: call(m, x),
+                                                         verbose=False)
+    return graph_call(trace, "tracing the model (build_dependency)", timeout=timeout, model=model)
 
 
 @dataclass
@@ -102,6 +123,7 @@ class PruneContext:
     model: nn.Module
     example_inputs: Any
     round_to: int | None = None
+    graph_timeout: float | None = DEFAULT_GRAPH_TIMEOUT
     widths: dict[str, dict[str, Any]] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
     details: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
