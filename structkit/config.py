@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .structure.rules import StructureRule
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "OptimizerConfig", "ScheduleConfig", "PruneConfig",
+__all__ = ["Config", "ModelConfig", "DataConfig", "SplitConfig", "OptimizerConfig", "ScheduleConfig", "PruneConfig",
            "DeployConfig", "ConfigError", "load_config", "validate", "apply_overrides", "parse_yaml", "training_hash",
            "training_view", "TRAINING_SECTIONS"]
 
@@ -74,57 +74,123 @@ def _check_options(builder: Any, options: dict[str, Any], what: str, given_by: d
 
 
 class ModelConfig(_Section):
-    """``model``: what to train."""
+    """``model``: what to train, and the weights it starts from."""
 
     name: str = Field(description="a built-in model (structkit.models.list_models()), a torchvision "
-                                  "classification model name, or 'package.module:callable'")
+                                  "classification model name, 'timm:<name>' (the zoo extra), or "
+                                  "'package.module:callable'")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the model builder")
+    init: str = Field("random", min_length=1,
+                      description="random, pretrained (torchvision/timm weights from the local cache; never "
+                                  "downloaded), or the path of a state dict / checkpoint / structkit run folder")
 
     @field_validator("name")
     @classmethod
     def _known_model(cls, value: str) -> str:
+        from . import zoo
         from .models import list_models
-        if value in list_models() or ":" in value:
+        if value in list_models():
             return value
-        import torchvision.models
-        known = list_models() + torchvision.models.list_models(module=torchvision.models)
+        if zoo.is_timm(value):
+            try:
+                return zoo.check_timm_name(value)
+            except ImportError as err:
+                raise ValueError(str(err)) from None
+        if ":" in value:
+            _import(value, "model")
+            return value
+        known = list_models() + zoo.torchvision_names()
         if value not in known:
             raise ValueError(f"unknown model {value!r}{_did_you_mean(value, known)}; use a built-in "
-                             f"({', '.join(list_models())}), a torchvision classification model name, or "
-                             f"'package.module:callable' for your own builder")
+                             f"({', '.join(list_models())}), a torchvision classification model name, 'timm:<name>', "
+                             f"or 'package.module:callable' for your own builder")
         return value
 
     @model_validator(mode="after")
     def _known_options(self) -> ModelConfig:
+        from . import zoo
         from .models import _MODELS
+        given_by = {"input_shape": "the data set", "num_classes": "the data set", "init": "model.init"}
         if self.name in _MODELS:
-            _check_options(_MODELS[self.name], self.options, "model",
-                           {"input_shape": "the data set", "num_classes": "the data set"})
+            _check_options(_MODELS[self.name], self.options, "model", given_by)
+        elif zoo.is_timm(self.name):  # timm.create_model takes **kwargs: only the keys structkit sets are checked
+            _check_options(zoo.require_timm().create_model, self.options, "model",
+                           {**zoo.TIMM_RESERVED, "init": "model.init"})
+        elif ":" in self.name:
+            _check_options(_import(self.name, "model"), self.options, "model", given_by)
+        else:
+            import torchvision.models
+            _check_options(torchvision.models.get_model_builder(self.name), self.options, "model",
+                           {"num_classes": "the data set", "weights": "model.init", "init": "model.init"})
+        if self.init == "pretrained" and not zoo.has_pretrained(self.name):
+            raise ValueError(f"model.init: pretrained: {self.name!r} has no pretrained weights (only torchvision and "
+                             f"timm models have them); set model.init to the path of a state dict, or to random")
+        return self
+
+
+class SplitConfig(_Section):
+    """``data.split``: for a 'package.module:callable' data set, how the validation and test splits it does not
+    return are carved out of its training set."""
+
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the training set held out for validation")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="fraction of the training set held out for testing")
+    seed: int = Field(0, ge=0, description="seed of the held-out examples")
+
+    @model_validator(mode="after")
+    def _leaves_training(self) -> SplitConfig:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction + test_fraction must leave training examples; got {self.val_fraction} + "
+                             f"{self.test_fraction}")
         return self
 
 
 class DataConfig(_Section):
-    """``data``: which data set, and its loader options."""
+    """``data``: which data set, its loader options, and how it is read."""
 
-    name: str = Field(description="a registered data set (structkit.data.list_datasets())")
+    name: str = Field(description="a registered data set (structkit.data.list_datasets(): fashion_mnist, digits, "
+                                  "image_folder) or 'package.module:callable' returning Datasets")
     options: dict[str, Any] = Field(default_factory=dict,
-                                    description="keyword arguments of the data set loader (root, limit_train, ...)")
+                                    description="keyword arguments of the data set loader (root, transforms, ...)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes that read and transform examples "
+                                                  "(0 = in the training process)")
+    split: SplitConfig | None = Field(None, description="'package.module:callable' data sets only: fractions of "
+                                                        "its training set held out when it returns no val/test set")
 
     @field_validator("name")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
         from .data import list_datasets
+        if value in list_datasets():
+            return value
+        if ":" in value:
+            _import(value, "data set")
+            return value
         known = list_datasets()
-        if value not in known:
-            raise ValueError(f"unknown data set {value!r}{_did_you_mean(value, known)}; registered: {', '.join(known)}")
-        return value
+        raise ValueError(f"unknown data set {value!r}{_did_you_mean(value, known)}; registered: {', '.join(known)}; "
+                         f"or 'package.module:callable' for your own")
 
     @model_validator(mode="after")
     def _known_options(self) -> DataConfig:
-        from .data import _DATASETS
-        if self.name in _DATASETS:
-            _check_options(_DATASETS[self.name], self.options, "data", {})
+        from .data import dataset_loader, list_datasets
+        loader = dataset_loader(self.name)
+        check = getattr(loader, "check_options", None)
+        if check is not None:
+            check(self.options)
+        else:
+            _check_options(loader, self.options, "data", {})
+        if self.split is not None and self.name in list_datasets():
+            raise ValueError(f"data.split applies to 'package.module:callable' data sets; {self.name} takes its split "
+                             f"options in data.options")
         return self
+
+
+def _import(name: str, what: str) -> Any:
+    """``package.module:callable`` imported at config time; every failure is a ValueError (a config error)."""
+    from ._imports import import_callable
+    try:
+        return import_callable(name, what)
+    except TypeError as err:
+        raise ValueError(str(err)) from None
 
 
 class OptimizerConfig(_Section):

@@ -1,50 +1,46 @@
-"""Built-in data sets, loaded offline, as normalised train/val/test tensors.
+"""Data sets by name, as train/val/test splits that any part of the pipeline can read through a DataLoader.
 
-Every loader returns a :class:`Splits`: three ``TensorDataset``\\ s of float32 inputs (normalised with the
-per-channel mean and std of the *training* split, so nothing leaks from validation or test) and int64 labels,
-plus the input shape and the number of classes that a model builder needs.
+Every loader returns a :class:`Splits`: three map-style ``Dataset``\\ s of ``(input tensor, integer label)``
+examples, plus the input shape and the number of classes that a model builder needs. Configs name a data set by
 
-Data sets are registered by name so that configs can refer to them::
+* a registered name (``list_datasets()``; register more with ``@register_dataset``):
 
-    splits = get_dataset("fashion_mnist", limit_train=5000)
-    train_loader, val_loader, test_loader = make_loaders(splits, batch_size=128, seed=0)
+  - ``fashion_mnist`` and ``digits`` are small and held in memory as ``TensorDataset``\\ s of float32 inputs,
+    normalised with the per-channel mean and std of the *training* split (nothing leaks from validation or test);
+  - ``image_folder`` reads images from folders one ``<root>/<class>/<image>`` at a time, with transforms from the
+    config (:mod:`structkit.image_folder`);
+
+* ``"package.module:callable"``: your own function, called with ``data.options``; what it may return is the
+  contract of :func:`as_splits` (a Dataset, a tuple or dict of train/val/test Datasets, or a :class:`Splits`).
+
+::
+
+    splits = load_dataset("digits", {"seed": 0})
+    splits = load_dataset("my_project.data:build", {"root": "/data/x"}, val_fraction=0.1, test_fraction=0.1)
+    train_loader, val_loader, test_loader = make_loaders(splits, batch_size=128, seed=0, num_workers=2)
 
 Nothing here downloads at run time unless asked to (``fashion_mnist(download=True)``): the build and test
-machines have no network, see ``docs/DATA.md`` for the local copies.
+machines have no network; ``docs/configuration.md`` says where the local copies live.
 """
 from __future__ import annotations
 
 import difflib
 import gzip
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-__all__ = ["Splits", "register_dataset", "get_dataset", "list_datasets", "fashion_mnist", "digits",
-           "make_loaders"]
+from . import image_folder as _image_folder
+from ._imports import import_callable
+from .splits import Splits, check_fraction, as_splits, collate
 
-
-@dataclass(frozen=True)
-class Splits:
-    """A loaded data set: normalised float32 inputs and int64 labels for each split.
-
-    ``mean`` and ``std`` are the per-channel statistics (of pixel intensities scaled to [0, 1]) that the
-    inputs were normalised with; a deployed model needs them to preprocess raw images the same way.
-    """
-
-    train: TensorDataset
-    val: TensorDataset
-    test: TensorDataset
-    input_shape: tuple
-    num_classes: int
-    name: str
-    mean: tuple[float, ...] = ()
-    std: tuple[float, ...] = ()
+__all__ = ["Splits", "register_dataset", "get_dataset", "list_datasets", "dataset_loader", "load_dataset",
+           "as_splits", "fashion_mnist", "digits", "image_folder", "make_loaders", "collate"]
 
 
 _DATASETS: dict[str, Callable[..., Splits]] = {}
@@ -67,18 +63,33 @@ def list_datasets() -> list[str]:
 
 
 def get_dataset(name: str, **options) -> Splits:
-    """Load the registered data set ``name``; ``options`` are passed to its loader."""
-    if name not in _DATASETS:
-        close = difflib.get_close_matches(name, list_datasets(), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown data set {name!r}.{hint} Available: {', '.join(list_datasets())} "
-                         f"(register more with @structkit.data.register_dataset).")
-    return _DATASETS[name](**options)
+    """Load data set ``name`` (registered, or ``"package.module:callable"``); ``options`` go to its loader."""
+    return load_dataset(name, options)
 
 
-def _check_fraction(name: str, value: float) -> None:
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be a fraction strictly between 0 and 1; got {value}.")
+def dataset_loader(name: str) -> Callable[..., Any]:
+    """The function behind ``name``: the registered loader, or the imported ``"package.module:callable"``.
+    Raises ValueError (unknown name, import failure) or TypeError (not callable) with a message that says why."""
+    if name in _DATASETS:
+        return _DATASETS[name]
+    if ":" in name:
+        return import_callable(name, "data set")
+    close = difflib.get_close_matches(name, list_datasets(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ValueError(f"unknown data set {name!r}.{hint} Available: {', '.join(list_datasets())}, or "
+                     f"'package.module:callable' for your own (register more with @structkit.data.register_dataset).")
+
+
+def load_dataset(name: str, options: Mapping[str, Any] | None = None, *, val_fraction: float = 0.1,
+                 test_fraction: float = 0.1, seed: int = 0) -> Splits:
+    """Load data set ``name`` with ``options``. For a ``"package.module:callable"``, its result goes through
+    :func:`as_splits`; ``val_fraction``, ``test_fraction`` and ``seed`` carve the splits it does not return out of
+    its training set (registered loaders take their own split options)."""
+    loader = dataset_loader(name)
+    result = loader(**dict(options or {}))
+    if name in _DATASETS:
+        return result if isinstance(result, Splits) else as_splits(result, name=name)
+    return as_splits(result, name=name, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
 
 
 def _normalised_splits(name: str, images: dict[str, np.ndarray], labels: dict[str, np.ndarray],
@@ -159,7 +170,7 @@ def fashion_mnist(root: str | Path = "/usr/share/datasets/fashion-mnist", val_fr
     or from ``root/FashionMNIST/raw`` where torchvision puts them. ``download=True`` fetches them with
     torchvision's downloader into ``root`` when they are missing (needs a network).
     """
-    _check_fraction("val_fraction", val_fraction)
+    check_fraction("val_fraction", val_fraction)
     root = Path(root)
     paths = _find_fashion_files(root)
     if paths is None and download:
@@ -213,8 +224,8 @@ def digits(val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    _check_fraction("val_fraction", val_fraction)
-    _check_fraction("test_fraction", test_fraction)
+    check_fraction("val_fraction", val_fraction)
+    check_fraction("test_fraction", test_fraction)
     if val_fraction + test_fraction >= 1.0:
         raise ValueError(f"val_fraction + test_fraction must leave training data; got "
                          f"{val_fraction} + {test_fraction} >= 1.")
@@ -232,19 +243,34 @@ def digits(val_fraction: float = 0.15, test_fraction: float = 0.2, seed: int = 0
 
 # --------------------------------------------------------------------------------------------------- loaders
 
+@register_dataset("image_folder")
+def image_folder(**options) -> Splits:
+    """Images in ``<root>/<class>/<image>`` folders, read one at a time, with transforms from the config; the
+    options are those of :class:`structkit.image_folder.ImageFolderOptions`."""
+    return as_splits(_image_folder.load(**options), name="image_folder")
+
+
+image_folder.check_options = _image_folder.check_options  # the config validates data.options with it
+
+
 def make_loaders(splits: Splits, batch_size: int, *, seed: int = 0, eval_batch_size: int = 1024,
-                 sampler: Sampler | None = None, pin_memory: bool = False) -> tuple[DataLoader, DataLoader, DataLoader]:
+                 sampler: Sampler | None = None, pin_memory: bool = False,
+                 num_workers: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
     """DataLoaders ``(train, val, test)`` over ``splits``.
 
     The training loader shuffles with a ``torch.Generator`` seeded with ``seed``, so the batch order of a run
-    is reproducible; pass ``sampler`` (e.g. a ``DistributedSampler``, which has its own seed and
-    ``set_epoch``) to take over the order instead. Validation and test loaders keep the split's order.
-    ``num_workers=0``: the data are in-memory tensors, worker processes would only add start-up cost.
-    ``pin_memory``: page-locked batches, for a run on a GPU (the copies to it then do not block the host).
+    is reproducible (with or without workers); pass ``sampler`` (e.g. a ``DistributedSampler``, which has its own
+    seed and ``set_epoch``) to take over the order instead. Validation and test loaders keep the split's order.
+    ``num_workers``: worker processes that read and transform examples (``data.num_workers``; 0 = in this process,
+    right for in-memory tensors, where workers would only add start-up cost). Random transforms draw from each
+    worker's generator, which torch seeds from the loader's, so a run stays reproducible for a given
+    ``num_workers``. ``pin_memory``: page-locked batches, for a run on a GPU (the copies to it then do not block
+    the host).
     """
     generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate)
     train = DataLoader(splits.train, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
-                       generator=generator, num_workers=0, pin_memory=pin_memory)
-    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, num_workers=0, pin_memory=pin_memory)
-    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, num_workers=0, pin_memory=pin_memory)
+                       generator=generator, **common)
+    val = DataLoader(splits.val, batch_size=eval_batch_size, shuffle=False, **common)
+    test = DataLoader(splits.test, batch_size=eval_batch_size, shuffle=False, **common)
     return train, val, test

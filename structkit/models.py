@@ -3,13 +3,17 @@
 ``name`` is one of
 
 * a registered built-in (``list_models()``; register more with ``@register_model``);
-* a torchvision classification model (``"resnet18"``, ``"mobilenet_v3_small"``, ...), always built with random
-  weights: nothing is downloaded;
+* a torchvision classification model (``"resnet18"``, ``"mobilenet_v3_small"``, ...; 3-channel inputs);
+* ``"timm:<name>"``, a timm model (``"timm:resnet18"``; needs the ``zoo`` extra);
 * ``"package.module:callable"``, imported and called with the options.
+
+``init`` says which weights the model starts from: ``"random"``, ``"pretrained"`` (torchvision / timm weights from
+the local cache; nothing is ever downloaded) or the path of a state dict, checkpoint or structkit run folder
+(:mod:`structkit.zoo`).
 
 The built-in vision models are made for exact structured pruning: convolutions without bias, each followed by
 BatchNorm2d and ReLU (so a zero channel group maps to an exactly zero activation), and no LayerNorm/GroupNorm,
-whose statistics span channels (see ``docs/PRUNING_NOTES.md``). Their module names are stable and readable:
+whose statistics span channels (see ``docs/structure.md``). Their module names are stable and readable:
 
 * ``mlp`` / ``mlp7``: ``flatten``, ``features.fc1``, ``features.relu1``, ..., ``classifier``;
 * ``cnn`` / ``vgg_small``: ``features.conv{i}``, ``features.bn{i}``, ``features.relu{i}`` (i = 1, 2, ... counts
@@ -23,15 +27,18 @@ whose statistics span channels (see ``docs/PRUNING_NOTES.md``). Their module nam
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import zoo
+from ._imports import import_callable
 
 __all__ = ["register_model", "get_model", "list_models", "MLP", "ConvNet", "BasicBlock", "ResNetSmall",
            "TransformerBlock", "TinyTransformerLM", "mlp", "mlp7", "cnn", "vgg_small", "resnet_small",
@@ -57,55 +64,52 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-def get_model(name: str, *, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:
+def get_model(name: str, *, input_shape: Sequence[int], num_classes: int, init: str | os.PathLike = "random",
+              **options) -> nn.Module:
     """Build model ``name`` for inputs of shape ``input_shape`` (without the batch dimension) and
-    ``num_classes`` outputs; ``options`` go to the builder.
+    ``num_classes`` outputs, starting from the weights ``init`` says; ``options`` go to the builder.
 
-    Registered names are looked up first, then ``"package.module:callable"``, then torchvision classification
+    Registered names are looked up first, then ``"timm:<name>"`` (``timm.create_model(name, num_classes=...,
+    in_chans=input_shape[0], **options)``), then ``"package.module:callable"``, then torchvision classification
     models (``torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)``).
     A ``module:callable`` is called with ``options``, plus ``input_shape`` if it names that parameter and
     ``num_classes`` if it names it or takes ``**kwargs`` (as torchvision's and timm's builders do).
+
+    ``init``: ``"random"`` (the builder's initialisation), ``"pretrained"`` (torchvision and timm models only; the
+    weights must be in the local cache, see :func:`structkit.zoo.pretrained_file`), or the path of a state dict, a
+    checkpoint holding one under ``"model"`` / ``"state_dict"``, or a structkit run folder
+    (:func:`structkit.zoo.load_init`; keys and shapes must match).
     """
     input_shape = tuple(input_shape)
+    init = os.fspath(init)
+    pretrained = init == "pretrained"
+    if pretrained:
+        zoo.pretrained_file(name)  # before building: a model without (cached) pretrained weights fails here
     if name in _MODELS:
-        return _MODELS[name](input_shape=input_shape, num_classes=num_classes, **options)
-    if ":" in name:
-        return _from_callable(name, input_shape, num_classes, options)
-
-    import torchvision.models
-    tv_names = torchvision.models.list_models(module=torchvision.models)
-    if name in tv_names:
-        if "weights" in options:
-            raise ValueError(f"get_model({name!r}) never loads pretrained weights (structkit runs offline); "
-                             f"drop weights= and load a state dict into the returned model yourself.")
-        if input_shape[:1] != (3,):
-            raise ValueError(f"torchvision model {name!r} expects 3-channel images, got input_shape "
-                             f"{input_shape}. Use a built-in model ({', '.join(list_models())}) for other "
-                             f"inputs, or repeat the channel to 3 in the data.")
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
-
-    close = difflib.get_close_matches(name, list_models() + tv_names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown model {name!r}.{hint} Use a built-in ({', '.join(list_models())}), a torchvision "
-                     f"classification model name (torchvision.models.list_models(module=torchvision.models)), "
-                     f"or 'package.module:callable' for your own builder.")
+        model = _MODELS[name](input_shape=input_shape, num_classes=num_classes, **options)
+    elif zoo.is_timm(name):
+        model = zoo.build_timm(name, input_shape, num_classes, options, pretrained=pretrained)
+    elif ":" in name:
+        model = _from_callable(name, input_shape, num_classes, options)
+    elif name in zoo.torchvision_names():
+        model = zoo.build_torchvision(name, input_shape, num_classes, options)
+        if pretrained:
+            zoo.load_torchvision_pretrained(model, name, num_classes)
+    else:
+        known = list_models() + zoo.torchvision_names()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}.{hint} Use a built-in ({', '.join(list_models())}), a torchvision "
+                         f"classification model name (torchvision.models.list_models(module=torchvision.models)), "
+                         f"'timm:<name>' for a timm model, or 'package.module:callable' for your own builder.")
+    if init not in ("random", "pretrained"):
+        zoo.load_init(model, init)
+    return model
 
 
 def _from_callable(name: str, input_shape: tuple, num_classes: int, options: dict) -> nn.Module:
     """Import and call ``"package.module:callable"`` (see :func:`get_model`)."""
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({e}). Check the spelling and "
-                         f"that it is installed or on PYTHONPATH.") from e
-    try:
-        builder = getattr(module, attr)
-    except AttributeError as e:
-        raise ValueError(f"model {name!r}: module {module_name!r} has no attribute {attr!r}.") from e
-    if not callable(builder):
-        raise TypeError(f"model {name!r}: {module_name}.{attr} is a {type(builder).__name__}, not a callable.")
-
+    builder = import_callable(name, "model")
     try:
         params = inspect.signature(builder).parameters
     except (TypeError, ValueError):  # some builtins have no signature: pass the options only
@@ -219,7 +223,7 @@ class ConvNet(nn.Module):
 @register_model("cnn")
 def cnn(*, input_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 32, 64, 64, 128),
         pool_after: Sequence[int] = (2, 4)) -> ConvNet:
-    """The quickstart CNN of ``docs/TRAINING_NOTES.md``: 5 convolutions 32-32-M-64-64-M-128 (21.9M MACs on
+    """The quickstart CNN of ``docs/quickstart.md``: 5 convolutions 32-32-M-64-64-M-128 (22.2M MACs on
     28x28)."""
     return ConvNet(_image_shape("cnn", tuple(input_shape)), widths, pool_after, num_classes)
 

@@ -173,3 +173,54 @@ def test_a_structured_dual_averaging_run_without_a_final_stage_is_refused_before
         validate(data)
     data["optimizer"]["name"], data["optimizer"]["momentum"] = "proxgen", None  # a prox step is exact every step
     validate(data)
+
+
+# ------------------------------------------------------------------------------------------------ your own data and models
+
+@pytest.mark.parametrize("override, expected", [
+    # data: image_folder options, validated before anything is read
+    (["data.name=image_folder", "data.options={root: /x, transforms: [{rezise: 8}]}"],
+     ["data.options.transforms.0: unknown transform 'rezise'", "did you mean 'resize'"]),
+    (["data.name=image_folder", "data.options={root: /x, transforms: [{center_crop: 0}]}"],
+     ["data.options.transforms.0.center_crop", "greater than or equal to 1"]),
+    (["data.name=image_folder", "data.options={transforms: []}"], ["data.options.root: required"]),
+    (["data.name=image_folder", "data.options={root: /x, val: /y, val_fraction: 0.1}"], ["either val"]),
+    # data: callables are imported when the config is read
+    (["data.name=no_such_module_xyz:load"], ["data.name", "cannot import module 'no_such_module_xyz'"]),
+    (["data.name=tests.test_data:nothing"], ["data.name", "has no attribute 'nothing'"]),
+    (["data.name=tests.test_data:AUGMENT"], ["data.name", "is a list, not a callable"]),
+    (["data.name=tests.test_data:blobs", "data.options={size: 3}"],
+     ["data.options", "blobs() has no option 'size'", "accepted: n, classes, seed"]),
+    (["data.name=tests.test_data:blobs", "data.split={val_fraction: 0.5, test_fraction: 0.5}"],
+     ["data.split", "must leave training examples"]),
+    (["data.split={val_fraction: 0.2}"], ["data.split applies to 'package.module:callable' data sets"]),
+    (["data.num_workers=-1"], ["data.num_workers", "greater than or equal to 0"]),
+    # models: timm names, callables, init
+    (["model.name=timm:resnet_18"], ["model.name", "unknown timm model 'resnet_18'", "did you mean 'timm:resnet18'"]),
+    (["model.name=timm:resnet18", "model.options={num_classes: 3}"], ["model.options.num_classes is set by the data set"]),
+    (["model.name=tests.test_models:nope"], ["model.name", "has no attribute 'nope'"]),
+    (["model.name=tests.test_models:build_tiny", "model.options={hiden: 2}"], ["did you mean 'hidden'"]),
+    (["model.init=pretrained"], ["model.init: pretrained: 'cnn' has no pretrained weights"]),
+    (["model.options={init: random}"], ["model.options.init is set by model.init"]),
+    (["model.name=resnet18", "model.options={weights: DEFAULT}"], ["model.options.weights is set by model.init"]),
+])
+def test_own_data_and_model_errors_at_config_time(override, expected):
+    pytest.importorskip("timm")
+    message = _error(override)
+    for part in expected:
+        assert part in message, (part, message)
+
+
+def test_own_data_and_model_configs_validate():
+    pytest.importorskip("timm")
+    config = load_config(DIGITS, ["data.name=image_folder", "data.num_workers=2",
+                                  "data.options={root: /data/train, transforms: [{resize: 36}, {random_crop: {size: 32, "
+                                  "padding: 4}}, {horizontal_flip: true}, {normalize: {mean: [0.5, 0.5, 0.5], "
+                                  "std: [0.2, 0.2, 0.2]}}]}",
+                                  "model.name=timm:resnet18", "model.options={drop_rate: 0.1}", "model.init=pretrained"])
+    assert config.data.num_workers == 2 and config.model.init == "pretrained"  # files are looked for at build time
+    assert config.data.options["transforms"][2] == {"horizontal_flip": True}  # the config keeps what was written
+    callable_data = load_config(DIGITS, ["data.name=tests.test_data:blobs", "data.options={n: 50}",
+                                         "data.split={val_fraction: 0.2}", "model.init=runs/base"])
+    assert callable_data.data.split.val_fraction == 0.2 and callable_data.data.split.test_fraction == 0.1
+    assert load_config(DIGITS).model.init == "random" and load_config(DIGITS).data.num_workers == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from structkit.data import Splits, digits, fashion_mnist, get_dataset, list_datasets, make_loaders, register_dataset
 
@@ -241,3 +241,250 @@ def test_a_sampler_takes_over_the_training_order(digit_splits):
     labels = torch.cat(batch_labels(train))
     assert torch.equal(labels, digit_splits.train.tensors[1][list(sampler)])
     assert len(labels) == 584
+
+
+# --------------------------------------------------------------------------------------------------- image_folder
+
+def make_image_folder(root: Path, classes=("cat", "dog"), n: int = 12, size=(16, 16), mode: str = "RGB",
+                      seed: int = 0) -> Path:
+    """``root/<class>/<i>.png``: class k's images are noise around brightness 60 + 120 k (so they can be learnt)."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            h, w = size if isinstance(size, tuple) else size[i % len(size)]
+            pixels = np.clip(rng.normal(60 + 120 * k, 30, (h, w, channels)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode).save(root / name / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("images") / "train")
+
+
+AUGMENT = [{"random_crop": {"size": 12, "padding": 2}}, {"horizontal_flip": True},
+           {"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}]
+
+
+def test_image_folder_holds_out_stratified_seeded_splits(image_root):
+    splits = get_dataset("image_folder", root=str(image_root), transforms=AUGMENT)
+    assert splits.classes == ("cat", "dog") and splits.num_classes == 2 and splits.input_shape == (3, 12, 12)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (20, 2, 2)  # 10% of 12 per class, each
+    assert splits.mean == (0.5, 0.5, 0.5) and splits.std == (0.25, 0.25, 0.25)
+    assert sorted(int(splits.val[i][1]) for i in range(2)) == [0, 1]
+    files = {split: {getattr(splits, split).dataset.samples[i][0] for i in getattr(splits, split).indices}
+             for split in ("train", "val", "test")}
+    assert not (files["train"] & files["val"] or files["train"] & files["test"] or files["val"] & files["test"])
+    again = get_dataset("image_folder", root=str(image_root), transforms=AUGMENT)
+    assert again.val.indices == splits.val.indices
+    other = get_dataset("image_folder", root=str(image_root), seed=1, transforms=AUGMENT)
+    assert other.val.indices != splits.val.indices or other.test.indices != splits.test.indices
+    assert len(get_dataset("image_folder", root=str(image_root), limit_train=5).train) == 5
+
+
+def test_image_folder_augments_training_only(image_root):
+    splits = get_dataset("image_folder", root=str(image_root), transforms=AUGMENT)
+    torch.manual_seed(0)
+    train_views = [splits.train[0][0] for _ in range(6)]
+    assert any(not torch.equal(train_views[0], v) for v in train_views[1:]), "random crop/flip in training"
+    assert torch.equal(splits.val[0][0], splits.val[0][0]) and torch.equal(splits.test[1][0], splits.test[1][0])
+    x = splits.val[0][0]
+    assert x.shape == (3, 12, 12) and x.dtype == torch.float32 and x.min() < 0 < x.max()  # normalised
+
+
+def test_image_folder_grayscale_resize_and_folders_for_val_and_test(tmp_path):
+    train = make_image_folder(tmp_path / "train", classes=("a", "b", "c"), n=4, size=(20, 24), mode="L")
+    val = make_image_folder(tmp_path / "val", classes=("b", "c"), n=2, size=(20, 24), mode="L", seed=1)
+    test = make_image_folder(tmp_path / "test", classes=("a",), n=3, size=(30, 30), mode="L", seed=2)
+    splits = get_dataset("image_folder", root=str(train), val=str(val), test=str(test),
+                         transforms=[{"grayscale": 1}, {"resize": [10, 10]},
+                                     {"normalize": {"mean": [0.5], "std": [0.5]}}])
+    assert splits.input_shape == (1, 10, 10) and splits.num_classes == 3
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (12, 4, 3)  # folders: nothing held out of train
+    # class indices follow the training folder, whatever classes a val/test folder lacks
+    assert sorted({int(y) for _, y in splits.val}) == [1, 2] and {int(y) for _, y in splits.test} == {0}
+    make_image_folder(tmp_path / "val" / ".." / "odd", classes=("zebra",), n=1)
+    with pytest.raises(ValueError, match="class folders that the training folder lacks: \\['zebra'\\]"):
+        get_dataset("image_folder", root=str(train), val=str(tmp_path / "odd"))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"transforms": [{"rezise": 8}]}, r"transforms\.0: unknown transform 'rezise' \(did you mean 'resize'\?\)"),
+    ({"transforms": [{"resize": 8, "center_crop": 4}]}, "a mapping with one key"),
+    ({"transforms": [{"resize": 0}]}, r"transforms\.0\.resize: input should be greater than or equal to 1"),
+    ({"transforms": [{"random_crop": {"size": 8, "pad": 1}}]}, r"random_crop\.pad: unknown option.*'padding'"),
+    ({"transforms": [{"horizontal_flip": 2}]}, r"horizontal_flip: input should be less than or equal to 1"),
+    ({"transforms": [{"grayscale": 2}]}, r"grayscale: input should be 1 or 3"),
+    ({"transforms": [{"normalize": {"mean": [0.5], "std": [0.5]}}, {"resize": 8}]}, "normalize must be the last"),
+    ({"transforms": [{"normalize": {"mean": [0.5, 0.5], "std": [0.5, 0.5]}}]}, "2 mean/std values for 3-channel"),
+    ({"transforms": [{"normalize": {"mean": [0.5], "std": [0]}}]}, r"normalize\.std\.0: input should be greater than 0"),
+    ({"val": "/x", "val_fraction": 0.2}, "either val .* or val_fraction"),
+    ({"val_fraction": 0.6, "test_fraction": 0.5}, "must leave training images"),
+    ({"roots": "/x"}, r"data\.options\.roots: unknown option \(did you mean 'root'\?\)"),
+])
+def test_image_folder_options_are_validated_with_clear_errors(image_root, options, message):
+    with pytest.raises(ValueError, match=message):
+        get_dataset("image_folder", **{"root": str(image_root), **options})
+
+
+def test_image_folder_missing_or_flat_folders_say_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data\.options\.root: .* is not a folder; image_folder reads "
+                                                r"<folder>/<class>/<image>"):
+        get_dataset("image_folder", root=str(tmp_path / "missing"))
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(FileNotFoundError, match="one sub-folder per class"):
+        get_dataset("image_folder", root=str(tmp_path / "flat"))
+
+
+def test_images_of_different_sizes_need_a_resize_or_crop(tmp_path):
+    root = make_image_folder(tmp_path / "mixed", n=4, size=[(16, 16), (20, 16)])
+    splits = get_dataset("image_folder", root=str(root), val_fraction=0.25, test_fraction=0.25)
+    with pytest.raises(RuntimeError, match="different input shapes .* add a resize: \\[h, w\\] or a center_crop"):
+        list(make_loaders(splits, 4)[0])
+    fixed = get_dataset("image_folder", root=str(root), val_fraction=0.25, test_fraction=0.25,
+                        transforms=[{"center_crop": 16}])
+    assert {x.shape for x, _ in make_loaders(fixed, 4)[0]} == {(4, 3, 16, 16)}
+
+
+def test_worker_processes_give_the_same_batches(image_root):
+    splits = get_dataset("image_folder", root=str(image_root), transforms=[{"center_crop": 12}])
+    plain = [(x, y) for x, y in make_loaders(splits, 8, seed=5)[0]]
+    workers = [(x, y) for x, y in make_loaders(splits, 8, seed=5, num_workers=2)[0]]
+    assert len(plain) == len(workers) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(plain, workers))
+
+
+def test_image_folder_config_runs_end_to_end(image_root, tmp_path):
+    """`structkit run` on a folder of PNGs: train (2 epochs, the second the final stage), prune, export, bench."""
+    import json
+
+    import yaml
+
+    from structkit.cli import main
+    config = {
+        "model": {"name": "cnn", "options": {"widths": [8, 8], "pool_after": [1]}},
+        "data": {"name": "image_folder", "num_workers": 1, "options": {"root": str(image_root), "transforms": AUGMENT}},
+        "optimizer": {"name": "ramda", "lr": 0.01, "momentum": 0.1, "milestones": [1]},
+        "schedule": {"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "bn_recalibration_batches": 2, "threads": 1},
+        "structure": [{"select": "features.*", "types": ["Conv2d"], "kind": "channels", "lam": 1e-3}],
+        "prune": {"verify_examples": 4},
+        "deploy": {"batch_sizes": [1, 4], "warmup": 2, "runs": 5},
+    }
+    (tmp_path / "folder.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert main(["run", str(tmp_path / "folder.yaml"), "--out", str(out), "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    for name in ("checkpoints/epoch_0002.pt", "slim.pt", "dense.onnx", "slim.onnx", "report.json", "report.md"):
+        assert (out / name).is_file(), name
+    assert report["config"]["data"]["name"] == "image_folder" and report["config"]["data"]["num_workers"] == 1
+    assert 0.0 <= report["accuracy"]["trained"] <= 1.0 and 0.0 <= report["accuracy"]["slim"] <= 1.0
+    assert report["verify"]["max_abs_diff_torch"] <= 1e-4 and report["verify"]["max_abs_diff_onnx"] <= 1e-4
+    assert set(report["latency"]) == {"1", "4"}
+
+
+# --------------------------------------------------------------------------------------------------- your own data
+
+def blobs(n: int = 90, classes: int = 3, seed: int = 0) -> TensorDataset:
+    """A ``package.module:callable`` data set: one TensorDataset of (1, 4, 4) inputs, ``classes`` Gaussian blobs."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g) + y[:, None, None, None].float(), y)
+
+
+def blob_parts(kind: str):
+    train, val, test = blobs(60), blobs(15, seed=1), blobs(15, seed=2)
+    return {"tuple2": (train, val), "tuple3": (train, val, test), "list1": [train],
+            "dict": {"train": train, "test": test, "num_classes": 5, "classes": list("abcde")}}[kind]
+
+
+class Plain(torch.utils.data.Dataset):
+    """A map-style Dataset with neither .classes nor .targets."""
+
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        return torch.zeros(2), i % 2
+
+
+class Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.zeros(2), 0)])
+
+
+def odd_items(kind: str):
+    return {"dict_item": Items([{"x": torch.zeros(2), "y": 0}] * 5), "pil": Items([(object(), 0)] * 5),
+            "float_label": Items([(torch.zeros(2), 0.5)] * 5), "plain": Plain(), "stream": Stream(),
+            "bad_dict": {"training": blobs()}, "too_many": (blobs(),) * 4, "number": 3}[kind]
+
+
+def test_a_callable_returning_one_dataset_gets_seeded_val_and_test_splits():
+    splits = get_dataset("tests.test_data:blobs", n=100)
+    assert splits.name == "tests.test_data:blobs" and splits.input_shape == (1, 4, 4) and splits.num_classes == 3
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (80, 10, 10)
+    seen = sorted(splits.train.indices + splits.val.indices + splits.test.indices)
+    assert seen == list(range(100))
+    from structkit.data import load_dataset
+    other = load_dataset("tests.test_data:blobs", {"n": 100}, val_fraction=0.2, test_fraction=0.3, seed=4)
+    assert (len(other.train), len(other.val), len(other.test)) == (50, 20, 30)
+    assert other.val.indices != splits.val.indices
+
+
+@pytest.mark.parametrize("kind, sizes, num_classes", [("tuple2", (54, 15, 6), 3), ("tuple3", (60, 15, 15), 3),
+                                                      ("list1", (48, 6, 6), 3), ("dict", (54, 6, 15), 5)])
+def test_a_callable_may_return_a_tuple_or_dict_of_datasets(kind, sizes, num_classes):
+    splits = get_dataset("tests.test_data:blob_parts", kind=kind)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == sizes
+    assert splits.num_classes == num_classes
+    assert splits.classes == (tuple("abcde") if kind == "dict" else ())
+
+
+def test_a_callable_returning_splits_is_used_as_is(digit_splits):
+    from structkit.data import as_splits
+    assert as_splits(digit_splits, name="x") is digit_splits
+
+
+@pytest.mark.parametrize("kind, error, message", [
+    ("dict_item", TypeError, r"examples must be \(input, label\) pairs; train\[0\] is a dict"),
+    ("pil", TypeError, "input must be a tensor .* add a ToTensor transform"),
+    ("float_label", TypeError, "label must be an integer class index"),
+    ("plain", ValueError, "cannot tell the number of classes .* return a dict with 'num_classes'"),
+    ("stream", TypeError, "map-style Dataset"),
+    ("bad_dict", ValueError, "it needs 'train'"),
+    ("too_many", ValueError, "tuple of 4 items"),
+    ("number", TypeError, "train is a int; a map-style Dataset"),
+])
+def test_callable_results_outside_the_contract_say_what_is_wrong(kind, error, message):
+    with pytest.raises(error, match=message):
+        get_dataset("tests.test_data:odd_items", kind=kind)
+
+
+def test_callable_dataset_builds_and_trains_in_the_pipeline(tmp_path):
+    from structkit import pipeline
+    from structkit.config import validate
+    from structkit.training import evaluate, train_epoch
+    config = validate({"model": {"name": "mlp", "options": {"widths": [16]}},
+                       "data": {"name": "tests.test_data:blobs", "options": {"n": 120}, "split": {"seed": 3}},
+                       "optimizer": {"name": "adamw", "lr": 0.01}, "schedule": {"epochs": 1, "batch_size": 16},
+                       "structure": [{"select": "features.*", "types": ["Linear"], "kind": "channels", "lam": 0.0}]})
+    setup = pipeline.build(config)
+    assert setup.example_inputs.shape == (8, 1, 4, 4) and setup.verify_inputs.shape == (12, 1, 4, 4)
+    train, val, _ = make_loaders(setup.splits, 16)
+    solver, _ = pipeline.make_solver(config, setup.groupset)
+    for epoch in range(1, 4):
+        train_epoch(setup.model, train, solver, epoch=epoch)
+    assert evaluate(setup.model, val)["accuracy"] > 0.5

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +99,7 @@ def test_image_models_reject_flat_input_shapes():
 def test_torchvision_models_are_built_by_name_without_weights():
     model = get_model("resnet18", input_shape=(3, 32, 32), num_classes=10)
     assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
-    with pytest.raises(ValueError, match="never loads pretrained weights"):
+    with pytest.raises(ValueError, match="takes no weights= option.*init='pretrained'"):
         get_model("resnet18", input_shape=(3, 32, 32), num_classes=10, weights="DEFAULT")
     with pytest.raises(ValueError, match="expects 3-channel images"):
         get_model("resnet18", input_shape=(1, 28, 28), num_classes=10)
@@ -205,3 +207,167 @@ def test_lm_exports_to_onnx_with_dynamic_batch_and_length(lm, tmp_path):
     tokens = torch.randint(0, 11, (3, 21))
     (logits,) = session.run(None, {"tokens": tokens.numpy()})
     torch.testing.assert_close(torch.from_numpy(logits), lm(tokens).detach(), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- timm by name
+
+def test_timm_models_are_built_by_name_for_the_data_sets_channels_and_classes():
+    pytest.importorskip("timm")
+    model = get_model("timm:resnet18", input_shape=(1, 16, 16), num_classes=3, drop_rate=0.1)
+    assert model.conv1.in_channels == 1 and model.fc.out_features == 3 and model.drop_rate == 0.1
+    assert model.eval()(torch.randn(2, 1, 16, 16)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("timm:resnt18", {}, r"unknown timm model 'resnt18' \(did you mean 'timm:resnet18'\?\)"),
+    ("timm:resnet18", {"pretrained": True}, "option 'pretrained' is set by model.init"),
+    ("timm:resnet18", {"in_chans": 1}, "option 'in_chans' is set by the data set"),
+])
+def test_timm_name_and_option_errors(name, options, message):
+    pytest.importorskip("timm")
+    with pytest.raises(ValueError, match=message):
+        get_model(name, input_shape=(3, 16, 16), num_classes=3, **options)
+
+
+def test_a_missing_timm_names_the_extra_that_installs_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # `import timm` now raises ImportError
+    with pytest.raises(ImportError, match=r"need timm, which is not installed: pip install 'structkit\[zoo\]'"):
+        get_model("timm:resnet18", input_shape=(3, 16, 16), num_classes=3)
+    from structkit.config import ConfigError, validate
+    with pytest.raises(ConfigError, match=r"model\.name: .*structkit\[zoo\]"):
+        validate({"model": {"name": "timm:resnet18"}, "data": {"name": "digits"},
+                  "structure": [{"kind": "channels", "lam": 0.0}]})
+
+
+# --------------------------------------------------------------------------------------------------- init: pretrained
+
+def test_torchvision_pretrained_weights_come_from_the_local_cache_only(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    file = tmp_path / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth"
+    with pytest.raises(FileNotFoundError, match=rf"not in the local cache \(looked for {file}\) and structkit never "
+                                                r"downloads: download https://download\.pytorch\.org/.*put it at"):
+        get_model("squeezenet1_1", input_shape=(3, 32, 32), num_classes=10, init="pretrained")
+    file.parent.mkdir(parents=True)
+    trained = torchvision.models.squeezenet1_1(weights=None)  # stands in for the ImageNet weights
+    torch.save(trained.state_dict(), file)
+    same = get_model("squeezenet1_1", input_shape=(3, 32, 32), num_classes=1000, init="pretrained")
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), trained.state_dict().values()))
+    with pytest.warns(UserWarning, match=r"classifier \(classifier\.1\.weight, classifier\.1\.bias\) is for 1000 "
+                                         r"classes; it keeps its random initialisation for the data set's 10"):
+        ten = get_model("squeezenet1_1", input_shape=(3, 32, 32), num_classes=10, init="pretrained")
+    assert torch.equal(ten.features[0].weight, trained.features[0].weight)
+    assert ten.classifier[1].weight.shape[0] == 10
+
+
+def test_timm_pretrained_weights_come_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    import huggingface_hub.constants
+    import timm
+    from safetensors.torch import save_file
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(FileNotFoundError, match=rf"timm/test_resnet\.r160_in1k in the Hugging Face cache \(\$HF_HUB_CACHE = {tmp_path}\).*"
+                                                r"huggingface-cli download timm/test_resnet\.r160_in1k"):
+        get_model("timm:test_resnet", input_shape=(3, 32, 32), num_classes=4, init="pretrained")
+    repo = tmp_path / "models--timm--test_resnet.r160_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    trained = timm.create_model("test_resnet", pretrained=False)
+    save_file(trained.state_dict(), repo / "snapshots" / "0123abcd" / "model.safetensors")
+    model = get_model("timm:test_resnet", input_shape=(3, 32, 32), num_classes=4, init="pretrained")
+    body = {k: v for k, v in trained.state_dict().items() if not k.startswith(trained.default_cfg["classifier"])}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in body.items())
+    assert model.get_classifier().out_features == 4  # timm re-initialises the head for the data set's classes
+
+
+def test_models_without_pretrained_weights_refuse_init_pretrained():
+    with pytest.raises(ValueError, match="'cnn' has no pretrained weights .* path of a state dict"):
+        get_model("cnn", input_shape=(1, 8, 8), num_classes=10, init="pretrained")
+
+
+# --------------------------------------------------------------------------------------------------- init: a path
+
+def small_cnn(init="random"):
+    return get_model("cnn", input_shape=(1, 8, 8), num_classes=10, widths=(4, 8), pool_after=(1,), init=init)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "model", "state_dict", "ddp"])
+def test_init_from_a_state_dict_file_or_a_checkpoint_dict(tmp_path, wrap):
+    trained = small_cnn()
+    for p in trained.parameters():
+        p.data.normal_()
+    state = trained.state_dict()
+    data = {"plain": state, "model": {"format": "x", "epoch": 3, "model": state},
+            "state_dict": {"state_dict": state, "optimizer": {}},
+            "ddp": {f"module.{k}": v for k, v in state.items()}}[wrap]
+    torch.save(data, tmp_path / "weights.pt")
+    model = small_cnn(init=tmp_path / "weights.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), state.values()))
+
+
+def test_init_from_a_structkit_run_folder_takes_its_last_checkpoint(tmp_path):
+    first, last = small_cnn(), small_cnn()
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"format": "structkit.checkpoint", "model": first.state_dict()}, tmp_path / "checkpoints/epoch_0002.pt")
+    torch.save({"format": "structkit.checkpoint", "model": last.state_dict()}, tmp_path / "checkpoints/epoch_0010.pt")
+    model = small_cnn(init=str(tmp_path))
+    assert torch.equal(model.features.conv1.weight, last.features.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="not a structkit run folder"):
+        small_cnn(init=tmp_path / "checkpoints")
+
+
+def test_init_mismatches_list_the_first_few_keys_and_shapes(tmp_path):
+    other = get_model("cnn", input_shape=(1, 8, 8), num_classes=10, widths=(4, 16, 8), pool_after=(1,))
+    torch.save(other.state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"do not fit the model: .* not in the model: features\.conv3\.weight, "
+                                         r"features\.bn3\.weight.* and \d+ more; 5 tensor\(s\) of another shape: "
+                                         r"features\.conv2\.weight \(file \(16, 4, 3, 3\), model \(8, 4, 3, 3\)\)"):
+        small_cnn(init=tmp_path / "other.pt")
+    torch.save({"epoch": 3, "notes": "x"}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match=r"holds a dict with keys 'epoch', 'notes'; expected a state dict"):
+        small_cnn(init=tmp_path / "odd.pt")
+    with pytest.raises(FileNotFoundError, match=r"model\.init: .*missing\.pt does not exist \(a relative path"):
+        small_cnn(init=tmp_path / "missing.pt")
+
+
+def test_init_never_unpickles_code(tmp_path):
+    torch.save(small_cnn(), tmp_path / "whole_module.pt")  # a pickled nn.Module, not a state dict
+    with pytest.raises(ValueError, match="holds pickled Python objects .* Nothing in the file was run"):
+        small_cnn(init=tmp_path / "whole_module.pt")
+
+
+def test_a_trained_model_as_init_reproduces_its_outputs_before_training(tmp_path):
+    """model.init: <state dict of a trained digits model> -> the pipeline's model gives the same outputs."""
+    from structkit import pipeline
+    from structkit.config import load_config
+    from structkit.data import make_loaders
+    from structkit.training import train_epoch
+
+    digits = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    config = load_config(digits)
+    setup = pipeline.build(config)
+    solver, _ = pipeline.make_solver(config, setup.groupset)
+    train_epoch(setup.model, make_loaders(setup.splits, 32)[0], solver, epoch=1)
+    torch.save(setup.model.state_dict(), tmp_path / "trained.pt")
+    fresh = pipeline.build(config)
+    started = pipeline.build(load_config(digits, [f"model.init={tmp_path / 'trained.pt'}"]))
+    x = setup.verify_inputs
+    with torch.no_grad():
+        expected = setup.model.eval()(x)
+        assert torch.equal(started.model.eval()(x), expected)
+        assert not torch.allclose(fresh.model.eval()(x), expected)
+
+
+def test_init_from_a_real_run_folder(tmp_path):
+    """A run folder written by `structkit train` is a valid init (its checkpoints load with weights_only=True)."""
+    from structkit import pipeline
+    from structkit.config import load_config
+
+    digits = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
+    short = ["schedule.epochs=2", "optimizer.milestones=[1]"]
+    pipeline.train(load_config(digits, short), tmp_path / "base", log=pipeline.Log(quiet=True))
+    expected = pipeline.RunFolder(tmp_path / "base").last_checkpoint()["model"]
+    setup = pipeline.build(load_config(digits, [*short, f"model.init={tmp_path / 'base'}"]))
+    assert all(torch.equal(setup.model.state_dict()[k], v) for k, v in expected.items())
