@@ -365,3 +365,158 @@ def test_macs_are_per_example_in_total_and_per_layer():
     assert one.layers == seven.layers
     assert one.layers["0"]["macs_before"] == 12 * 16 + 16 and one.layers["0"]["macs_after"] == 12 * 10 + 10
     assert one.macs_before - one.macs_after >= 6 * (12 + 1) + 6 * 5
+
+
+# ---------------------------------------------------------------- issue 15: relative verification, guards at prune time
+class Nudge(StructureKind):
+    """A broken kind: its prune scales a weight by (1 + 5e-4), a 5e-4 relative error."""
+    handles = "Linear layers"
+
+    def accepts(self, module):
+        return isinstance(module, nn.Linear)
+
+    def build(self, ctx, targets):
+        return [Block(kind=self.name, label=t.name, num_groups=1, regularizer="none", lam=0.0,
+                      tensors=[(ctx.param(t.module, "weight"), "tensor")], rule=t.rule_index) for t in targets]
+
+    def prune(self, ctx, blocks, zero):
+        with torch.no_grad():
+            ctx.model.get_submodule(blocks[0].label).weight.mul_(1 + 5e-4)
+
+
+def test_verification_is_relative_to_the_output_scale_so_small_outputs_do_not_hide_errors(monkeypatch):
+    """Outputs of size ~1e-3: a 5e-4 relative error is an absolute 5e-7, which an absolute tolerance of
+    1e-4 x max(1, |out|) let through."""
+    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    kinds.register_kind("nudge")(Nudge)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False)).double()
+    with torch.no_grad():
+        model[1].weight.mul_(1e-3)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    gs = group_parameters(model, x, {"kind": "nudge", "regularizer": "none", "select": "0"})
+    with pytest.raises(RuntimeError, match="relative to the output scale") as err:
+        prune(model, gs, x)
+    report = err.value.report
+    assert report.verify_rel_diff == pytest.approx(5e-4, rel=1e-3) and report.verify_max_abs_diff < 1e-5
+    assert report.verify_rel_tol == 1e-10 and report.verify_dtype == "float64"
+    slim, report = prune(model, gs, x, verify_tol=1e-3)  # an explicit, looser tolerance is honoured
+    assert report.verify_max_abs_diff <= report.verify_tolerance
+
+
+def test_a_float32_model_can_be_verified_in_float64():
+    model = SmallCNN().eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 8, 8)
+    gs = group_parameters(model, x, CHANNELS)
+    gs.zero_([0, 3, 9, 12])
+    slim, report = prune(model, gs, x, verify_dtype=torch.float64)
+    assert report.verify_dtype == "float64" and report.verify_rel_tol == 1e-10 and report.verify_rel_diff < 1e-13
+    assert next(slim.parameters()).dtype == torch.float32  # only the comparison ran in float64
+    assert verify(model, slim, x, dtype=torch.float64) < 1e-13
+    assert 0 < verify(model, slim, x) < 1e-5  # float32 rounding
+    _, report32 = prune(model, gs, x)
+    assert report32.verify_dtype == "float32" and report32.verify_rel_tol == 1e-5
+
+
+def _corrupt_group(monkeypatch, is_root, how):
+    """Make torch-pruning's group for the root ``is_root(module)`` picks, asked at prune time (on the copy being
+    slimmed), carry bad indices in its second entry."""
+    import torch_pruning as tp
+    original = tp.DependencyGraph.get_pruning_group
+
+    def patched(self, module, fn, idxs):
+        group = original(self, module, fn, idxs)
+        if is_root(module) and len(idxs) < module.out_channels:  # at prune time (grouping asks for all)
+            item = group[1]
+            bad = how(list(item.idxs))
+            group[1] = type(item)(item.dep, bad)
+            group[1].root_idxs = list(item.root_idxs)[:len(bad)] + [item.root_idxs[0]] * (len(bad) - len(item.root_idxs))
+        return group
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", patched)
+
+
+@pytest.mark.parametrize("how, message", [
+    (lambda idxs: idxs + idxs[:1], "duplicate indices"),
+    (lambda idxs: idxs[:-1] + [10_000], "outside 0.."),
+    (lambda idxs: idxs[:-1], "gets 2 indices for 3 channels"),
+])
+def test_indices_are_checked_before_removal_and_a_bad_group_is_kept(monkeypatch, how, message):
+    model = SmallCNN().double().eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gs = group_parameters(model, x, CHANNELS)
+    gs.zero_([0, 3, 5, 9, 12])  # conv1: 3 channels, conv2: 2 channels
+    _corrupt_group(monkeypatch, lambda m: getattr(m, "in_channels", None) == 3, how)  # conv1
+    slim, report = prune(model, gs, x)
+    assert slim.conv1.out_channels == 8 and slim.conv2.out_channels == 14
+    reason = next(s["reason"] for s in report.skipped if s["module"] == "conv1")
+    assert "index check" in reason and message in reason
+    assert report.layers["conv1"]["after"] == 8 and report.layers["conv1"]["removed_groups"] == 0
+    assert verify(model, slim, x) < 1e-12
+
+
+def test_a_removal_that_fails_half_way_inside_torch_pruning_is_rolled_back(monkeypatch):
+    """The group of conv1 is conv1 (pruned first), then bn1: make bn1's pruning fail once. conv1 must be put back
+    as it was, the failure reported, and every other group still removed."""
+    from torch_pruning.pruner import function
+
+    model = SmallCNN().double().eval()
+    randomize_batchnorm(model, torch.Generator().manual_seed(0))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gs = group_parameters(model, x, CHANNELS)
+    gs.zero_([0, 3, 9, 12])
+    original, calls = function.BatchnormPruner.prune_out_channels, []
+
+    def flaky(self, layer, idxs):
+        calls.append(layer)
+        if len(calls) == 1:
+            raise RuntimeError("simulated failure")
+        return original(self, layer, idxs)
+    monkeypatch.setattr(function.BatchnormPruner, "prune_out_channels", flaky)
+    monkeypatch.setattr(function.BatchnormPruner, "prune_in_channels", flaky)
+    slim, report = prune(model, gs, x)
+    assert (slim.conv1.out_channels, slim.conv1.weight.shape[0], slim.bn1.num_features) == (8, 8, 8)
+    assert slim.conv2.in_channels == 8 and slim.conv2.out_channels == 14 and slim.bn2.num_features == 14
+    reason = next(s["reason"] for s in report.skipped if s["module"] == "conv1")
+    assert reason == ("kept its 2 zero channel group(s) (layers restored): torch-pruning failed on removing the "
+                      "channel group of layer 'conv1': RuntimeError: simulated failure")
+    assert verify(model, slim, x) < 1e-12
+
+
+def test_a_group_search_that_hangs_at_prune_time_keeps_that_layer(monkeypatch):
+    import torch_pruning as tp
+    model = SmallCNN().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gs = group_parameters(model, x, CHANNELS)
+    gs.zero_([0, 9])
+    original = tp.DependencyGraph.get_pruning_group
+
+    def patched(self, module, fn, idxs):
+        if module.out_channels == 16 and len(idxs) < 16:
+            while True:
+                pass
+        return original(self, module, fn, idxs)
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", patched)
+    slim, report = prune(model, gs, x, graph_timeout=0.5)
+    assert slim.conv1.out_channels == 7 and slim.conv2.out_channels == 16
+    assert "did not finish the channel group of layer 'conv2' within 0.5 s" in \
+        next(s["reason"] for s in report.skipped if s["module"] == "conv2")
+    assert verify(model, slim, x) < 1e-12
+
+
+class Breaker(Sabotage):
+    def prune(self, ctx, blocks, zero):
+        layer = ctx.model.get_submodule(blocks[0].label)
+        layer.weight = nn.Parameter(layer.weight[:, :-1].detach().clone())
+
+
+def test_a_slim_model_that_no_longer_runs_gets_a_structkit_error_first(monkeypatch):
+    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    kinds.register_kind("breaker")(Breaker)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(3, 4)
+    gs = group_parameters(model, x, {"kind": "breaker", "regularizer": "none", "select": "0"})
+    with pytest.raises(RuntimeError, match="the pruned model fails to run on example_inputs") as err:
+        prune(model, gs, x)
+    assert isinstance(err.value.__cause__, RuntimeError)  # torch's own error, chained after structkit's

@@ -13,13 +13,23 @@ GELU, Hardswish) and through gates that only multiply it, so the consumers' inpu
 and can be removed with the channel. Consumers' input slices belong to the consumer's own channel groups
 (or to no group), so groups never overlap.
 
-What is never offered (and reported by ``GroupSet.describe()``): widths that reach the model output (the
-final classifier), widths normalised across channels (LayerNorm / GroupNorm: their statistics span the
-width, e.g. a transformer's residual stream), widths that are attention head dimensions, embedding widths,
-free parameters (class tokens), BatchNorm without affine parameters, and layers coupled to a module a rule
-excluded or gave another kind. After the groups are chosen, one forward pass with all of them zeroed
-checks that every consumer really sees zeros on those channels; a group that fails (an activation with
-``f(0) != 0`` in between) is dropped with that reason.
+What is never offered (and reported by ``GroupSet.describe()``, one line per layer): widths that reach the model
+output (the final classifier), widths normalised across channels (LayerNorm / GroupNorm: their statistics span
+the width, e.g. a transformer's residual stream), widths that are attention head dimensions, embedding widths,
+free parameters (class tokens), BatchNorm without affine parameters, layers coupled to a module a rule excluded
+or gave another kind, and paths through ops torch-pruning treats as element-wise or bookkeeping but that break
+exact removal: splits and channel slices (stored or computed sizes), reductions over the channels,
+reorderings and regrouping transposes, weight transforms, functional convolutions, modules with parameters or
+buffers torch-pruning does not resize, and nodes whose index mapping torch-pruning failed to compute. Norms
+are recognised by type: any ``_BatchNorm`` subclass (including fused norm + activation modules such as timm's
+``BatchNormAct2d``) and affine ``_InstanceNorm`` without running statistics.
+
+Checks before anything is used: every group's indices are validated (:func:`_index_problem`: unique, in
+range, one per channel for producers and norms, a whole multiple for consumers), at grouping time and again
+right before each removal. After the groups are chosen, forward passes with all of them zeroed, then with random
+halves zeroed, check that every consumer sees zeros exactly where torch-pruning says those channels arrive; a
+group that fails (an activation with ``f(0) != 0``, or a wrong index mapping) is dropped with the reason.
+Every torch-pruning call runs under :mod:`._guard` (time limit, cycle / size guard, rollback).
 
 Layout of the group ids
 -----------------------
@@ -33,7 +43,8 @@ union-find assigns each tensor an offset so that every slice maps to its root's 
 skipped with the reason.
 
 Removal re-asks torch-pruning for each group right before pruning it (concatenation offsets of later groups
-move after every removal), never removes a layer's last group, and with ``round_to = R`` keeps just enough
+move after every removal), checks its indices, rolls back a removal torch-pruning fails on half-way (the layer
+then keeps its zero groups, reported), never removes a layer's last group, and with ``round_to = R`` keeps just enough
 zero groups that each width stays a multiple of ``R`` (kept channels are zero, so this stays exact).
 """
 from __future__ import annotations
