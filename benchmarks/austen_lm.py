@@ -17,7 +17,7 @@ Protocol:
   its output-projection columns; kind ``heads``) and one group per FFN hidden unit (row + bias of ``ffn.fc1``;
   kind ``channels``: a zero unit gives GELU(0) = 0, so the matching columns of ``ffn.fc2`` go with it). Embeddings,
   LayerNorms, the residual width and the output layer are never grouped;
-- each solver at its documented default lr/momentum (docs/solvers.md); AdamW lr 2e-3 (TRAINING_NOTES.md);
+- each solver at its documented default lr/momentum (docs/solvers.md); AdamW lr 2e-3;
   ``--epochs`` epochs with one milestone (``--milestone``): there the structured solvers restart (lr x 0.1) and
   RAMDA/RMDA ramp the averaging momentum to 1 in the final stage (``StageScheduler``), so their iterate carries the
   exact zeros; AdamW's lr is also multiplied by 0.1 there (the same lr decay for the dense reference);

@@ -1,5 +1,5 @@
 """The hyperparameters every benchmark gives each optimizer: the structured solvers at their documented defaults
-(docs/solvers.md), AdamW as in ../shared/docs/TRAINING_NOTES.md. One table, so the sections compare like with
+(docs/solvers.md), AdamW at the rates docs/benchmarks.md reports. One table, so the sections compare like with
 like."""
 SOLVERS = {
     "ramda": {"lr": 1e-2, "momentum": 0.1},

@@ -1,7 +1,7 @@
 """Which `prune(..., round_to=N)` default serves ONNX Runtime best: None, 8 or 16?
 
 The 5-conv BatchNorm CNN (32-32-64-64-128) gets zero channel groups leaving the unaligned widths a 5-epoch
-RAMDA run left in TRAINING_NOTES.md (18-29-55-44-128) or another pattern (--widths); it is pruned with
+RAMDA run left (18-29-55-44-128, docs/deployment.md) or another pattern (--widths); it is pruned with
 round_to None / 8 / 16 (each verified exact by prune) and the dense model and the three slim models are timed
 together, interleaved, with structkit.deploy.measure_latency at each model's fastest ORT setting.
 

@@ -40,6 +40,7 @@ import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
 
 import structkit
+from .structure._util import flatten_outputs
 
 EXPORTERS = ("torchscript", "dynamo")
 GRAPH_OPTIMIZATION = {
@@ -54,27 +55,6 @@ PILOT_RUNS = 10  # interleaved runs per model and candidate level in the "fastes
 # What ONNX Runtime raises when a file cannot be loaded (missing, not protobuf, invalid graph, unknown op).
 _ORT_LOAD_ERRORS = (ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph, ort_errors.InvalidProtobuf,
                     ort_errors.NoSuchFile, ort_errors.NotImplemented, ort_errors.RuntimeException)
-
-
-def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
-    """The tensors of a model's output, in the order the ONNX exporters emit them as graph outputs.
-
-    A tensor is one output; a tuple or list contributes its items in order; a dict -- including a Hugging Face
-    ``ModelOutput``, which is an ordered dict without its ``None`` fields -- contributes its values in insertion
-    order; ``None`` contributes nothing. Nesting is flattened depth first.
-    """
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if outputs is None:
-        return []
-    if isinstance(outputs, Mapping):
-        items = outputs.values()
-    elif isinstance(outputs, (tuple, list)):
-        items = outputs
-    else:
-        raise TypeError(f"cannot export a model output of type {type(outputs).__name__}: return tensors, or "
-                        f"tuples, lists or dicts of tensors")
-    return [tensor for item in items for tensor in flatten_outputs(item)]
 
 
 def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], path: str | Path, *,
@@ -92,7 +72,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[
             on any failure the temporary file is removed and ``path`` is left as it was.
         opset: ONNX opset version.
         exporter: ``"torchscript"`` (``torch.onnx.export(..., dynamo=False)``, the default: as fast in ONNX Runtime
-            as the dynamo graph on the CNN and MLP of docs/deployment.md, faster on BERT per PRUNING_NOTES, and
+            as the dynamo graph on the CNN and MLP of docs/deployment.md, faster on BERT (docs/minilm.md), and
             exports in a fraction of the time) or ``"dynamo"`` (``torch.export`` based, needs onnxscript).
         dynamic_axes: extra dynamic axes in ``torch.onnx.export``'s form, ``{name: {axis: axis_name}}`` or
             ``{name: [axis, ...]}``, keyed by input or output name, e.g. ``{"input_ids": {1: "sequence"}}``. Axis 0
@@ -125,7 +105,7 @@ def export_onnx(model: torch.nn.Module, example_inputs: torch.Tensor | Sequence[
     model.eval()
     try:
         with torch.no_grad():
-            expected = flatten_outputs(model(*inputs))
+            expected = flatten_outputs(model(*inputs), strict=True)
         input_names = _names(input_names, len(inputs), "input")
         output_names = _names(output_names, len(expected), "output")
         axes = _dynamic_axes(dict(zip(input_names, inputs)), dict(zip(output_names, expected)), dynamic_axes)

@@ -130,7 +130,7 @@ __all__ = ["DEFAULTS", "EXPORTER_NOTE", "SentenceEmbedder", "mean_pool", "distil
 
 EXPORTER_NOTE = ("torchscript: torch.onnx.export(dynamo=False). Both exporters handle the BERT encoder with "
                  "dynamic batch and sequence axes; the TorchScript exporter's graph ran faster in ONNX Runtime "
-                 "on this model (PRUNING_NOTES: dense b32 291 vs 339 ms) and on every model in "
+                 "on this model (docs/minilm.md: dense b32 291 vs 339 ms) and on every model in "
                  "docs/deployment.md, so it is the default; set deploy.exporter=dynamo to measure the other.")
 
 DEFAULTS: dict[str, Any] = {

@@ -92,7 +92,7 @@ def _history(path: Path) -> list[dict[str, Any]]:
 
 def write_report_files(folder, report: dict[str, Any]) -> None:
     """Write report.json, report.md and the plots (training.png, layers.png, latency.png) atomically."""
-    from .pipeline import write_json, write_text
+    from ._io import write_json, write_text
     history = _history(folder.path / "metrics.jsonl")
     plots = _plots(folder, report, history)
     write_json(folder.path / "report.json", report)
@@ -211,7 +211,7 @@ def _plots(folder, report: dict[str, Any], history: list[dict[str, Any]]) -> lis
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from .pipeline import atomic_write
+    from ._io import atomic_write
     made = []
 
     def save(fig, name: str) -> None:

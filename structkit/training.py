@@ -162,7 +162,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], precision: s
     """Recompute every BatchNorm's running statistics from ``batches`` (an iterable of ``(x, y)``).
 
     RAMDA's averaged iterate moves faster than BatchNorm's running statistics (momentum 0.1) can follow, so
-    evaluating with them gives erratic accuracy (docs: TRAINING_NOTES.md). Here the statistics are reset and
+    evaluating with them gives erratic accuracy (docs/configuration.md, bn_recalibration_batches). Here the statistics are reset and
     re-estimated as a cumulative average (``momentum=None``) over the batches, with only the BatchNorm modules in
     train mode (dropout and the like stay in eval mode and consume no random numbers). Every module's
     train/eval flag and momentum are restored. Batches go to ``device`` (default: the model's device). Returns

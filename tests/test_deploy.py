@@ -132,7 +132,7 @@ def test_flatten_outputs_order():
     assert [t.item() for t in flatten_outputs({"x": a, "y": (b, None, [c])})] == [0.0, 1.0, 2.0]
     assert flatten_outputs(None) == []
     with pytest.raises(TypeError, match="str"):
-        flatten_outputs("text")
+        flatten_outputs("text", strict=True)
 
 
 def test_extra_dynamic_axes_are_merged_with_the_batch_axis(tmp_path):

@@ -73,8 +73,8 @@ def test_two_process_gloo_run_equals_one_process_and_only_rank0_writes(tmp_path)
     config = load_config(cfg)
     out1 = tmp_path / "one"
     pipeline.train(config, out1, log=QUIET)
-    a = torch.load(out1 / "checkpoints/epoch_0002.pt", weights_only=False)
-    b = torch.load(out2 / "checkpoints/epoch_0002.pt", weights_only=False)
+    a = torch.load(out1 / "checkpoints/epoch_0002.pt", weights_only=True)
+    b = torch.load(out2 / "checkpoints/epoch_0002.pt", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     for key in a["model"]:
         torch.testing.assert_close(b["model"][key], a["model"][key], atol=1e-5, rtol=0, msg=key)
@@ -92,7 +92,7 @@ def test_two_process_gloo_run_equals_one_process_and_only_rank0_writes(tmp_path)
     (out3 / "checkpoints").mkdir(parents=True)
     shutil.copy(out2 / "checkpoints/epoch_0001.pt", out3 / "checkpoints")
     pipeline.train(config, out3, resume=True, log=QUIET)
-    c = torch.load(out3 / "checkpoints/epoch_0002.pt", weights_only=False)
+    c = torch.load(out3 / "checkpoints/epoch_0002.pt", weights_only=True)
     for key in a["model"]:
         torch.testing.assert_close(c["model"][key], a["model"][key], atol=1e-5, rtol=0, msg=key)
 

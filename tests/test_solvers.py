@@ -1,4 +1,4 @@
-"""The solvers do the maths of ALGORITHMS.md: oracles in float64, identification, restarts, checkpoints."""
+"""The solvers do the maths of docs/solvers.md (and each class docstring): oracles in float64, identification, restarts, checkpoints."""
 import copy
 import io
 import math

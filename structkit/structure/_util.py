@@ -21,15 +21,21 @@ def call(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    """Every tensor of a model output, in order: tensors, tuples/lists, dicts and Hugging Face
-    ``ModelOutput`` (a dict whose ``None`` fields are absent) are walked recursively."""
+def flatten_outputs(out: Any, *, strict: bool = False) -> list[torch.Tensor]:
+    """Every tensor of a model output, in order -- the order the ONNX exporters emit graph outputs in: a tensor
+    is one output; a tuple or list contributes its items in order; a dict -- including a Hugging Face
+    ``ModelOutput``, an ordered dict without its ``None`` fields -- its values in insertion order; ``None``
+    contributes nothing. Nesting is flattened depth first. Anything else is skipped, or with ``strict`` (ONNX
+    export, where every output must be a tensor) a TypeError naming its type."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, Mapping):
-        return [t for v in out.values() for t in flatten_outputs(v)]
+        return [t for v in out.values() for t in flatten_outputs(v, strict=strict)]
     if isinstance(out, (tuple, list)):
-        return [t for v in out for t in flatten_outputs(v)]
+        return [t for v in out for t in flatten_outputs(v, strict=strict)]
+    if strict and out is not None:
+        raise TypeError(f"cannot export a model output of type {type(out).__name__}: return tensors, or tuples, "
+                        f"lists or dicts of tensors")
     return []
 
 
