@@ -332,7 +332,9 @@ class PruneConfig(_Section):
 
     round_to: int | None = Field(None, description="keep zero channels so every pruned width is a multiple of "
                                                    "this (8 or 16 suit ONNX Runtime's convolutions); null = off")
-    verify_tol: float = Field(1e-4, description="max |slim - trained| output difference, relative to max(1, |out|)")
+    verify_tol: float = Field(1e-5, description="largest allowed relative difference between slim and trained "
+                                                "outputs: max |slim - trained| / (max |trained output| + 1e-12), in "
+                                                "the model's dtype (float32 rounding gives about 1e-7 to 1e-6)")
     verify_examples: int = Field(256, description="validation examples used to verify the slim model")
 
     @field_validator("round_to")
@@ -591,6 +593,13 @@ def training_view(data: dict[str, Any]) -> dict[str, Any]:
     view = {k: v for k, v in data.items() if k in TRAINING_SECTIONS}
     if isinstance(view.get("schedule"), dict):
         view["schedule"] = {k: v for k, v in view["schedule"].items() if k not in _NOT_TRAJECTORY}
+    # data.num_workers only changes who reads the examples; fields added later are left out at their defaults, so
+    # runs made before they existed still resume
+    for section, key, ignore in (("data", "num_workers", lambda v: True), ("data", "split", lambda v: v is None),
+                                 ("model", "init", lambda v: v == "random")):
+        part = view.get(section)
+        if isinstance(part, dict) and key in part and ignore(part[key]):
+            view[section] = {k: v for k, v in part.items() if k != key}
     return view
 
 

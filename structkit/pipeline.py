@@ -24,6 +24,7 @@ are CPU code here, and ONNX Runtime's latency is measured with its CPU execution
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import random
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ._io import atomic_write, json_default, load_weights, save_torch, write_json, write_text
+from ._io import json_default, load_weights, save_torch, write_json, write_text
 from .config import Config, ConfigError, apply_overrides, load_config, training_hash, training_view, validate
 from . import distributed
 from .device import describe as describe_device, resolve as resolve_device
@@ -277,9 +278,13 @@ class Setup:
     verify_inputs: torch.Tensor   # validation inputs: verify pruning and check the ONNX export
 
 
-def build(config: Config) -> Setup:
-    """Seed, load the data, build the model and its groups (deterministic for a given config)."""
-    from .data import get_dataset
+def build(config: Config, *, load_init: bool = True) -> Setup:
+    """Seed, load the data, build the model (starting from ``model.init``'s weights) and its groups (deterministic
+    for a given config). ``load_init=False`` keeps the random initialisation: for a model whose weights come from a
+    checkpoint next (a resumed run, the stages after training), so the init file is not needed any more.
+
+    The splits may be any map-style Datasets (:class:`structkit.data.Splits`): only the few examples built here
+    (example and verification inputs) are read now; training, evaluation and recalibration read through loaders."""
     from .models import get_model
     from .structure import group_parameters
 
@@ -287,10 +292,10 @@ def build(config: Config) -> Setup:
         torch.set_num_threads(config.schedule.threads)
     seed_everything(config.schedule.seed)
     with _naming(f"data (name {config.data.name!r}, options {config.data.options})"):
-        splits = get_dataset(config.data.name, **config.data.options)
+        splits = load_data(config)
     with _naming(f"model (name {config.model.name!r}, options {config.model.options})"):
         model = get_model(config.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                          **config.model.options)
+                          init=config.model.init if load_init else "random", **config.model.options)
     example = _inputs(splits.train, 8)
     verify = _inputs(splits.val, config.prune.verify_examples)
     with _naming("structure"):
@@ -314,22 +319,39 @@ def _naming(what: str):
         raise new from err
 
 
+def load_data(config: Config):
+    """The configured data set as :class:`structkit.data.Splits` (``data.split`` applies to callables only)."""
+    from .data import load_dataset
+    split = config.data.split.model_dump() if config.data.split is not None else {}
+    return load_dataset(config.data.name, config.data.options, **split)
+
+
 def _inputs(dataset, n: int) -> torch.Tensor:
+    """The inputs of the first ``n`` examples, stacked (reads only those examples)."""
     n = min(n, len(dataset))
     if hasattr(dataset, "tensors"):
         return dataset.tensors[0][:n].clone()
-    return torch.stack([dataset[i][0] for i in range(n)])
+    return torch.stack([torch.as_tensor(dataset[i][0]) for i in range(n)])
 
 
-def _recalibration_batches(setup: Setup) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed random subset of training batches (seeded by ``schedule.seed``; the same at every call)."""
+def _recalibration_batches(setup: Setup, device: torch.device | None = None):
+    """A fixed random subset of training batches (seeded by ``schedule.seed``; the same examples at every call).
+
+    In-memory data (``TensorDataset``): a list of batches, on ``device`` when given (built once, reused). Any
+    other Dataset: a DataLoader over that subset (``data.num_workers``), read again at each use, so the batches
+    are never all held in memory (random training transforms then draw new augmentations each time)."""
     s = setup.config.schedule
     if s.bn_recalibration_batches == 0:
         return []
     g = torch.Generator().manual_seed(s.seed + 1)
     n = min(len(setup.splits.train), s.bn_recalibration_batches * s.batch_size)
     idx = torch.randperm(len(setup.splits.train), generator=g)[:n].tolist()
-    return list(DataLoader(Subset(setup.splits.train, idx), batch_size=s.batch_size, shuffle=False))
+    if not hasattr(setup.splits.train, "tensors"):
+        from .data import collate
+        return DataLoader(Subset(setup.splits.train, idx), batch_size=s.batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=setup.config.data.num_workers)
+    batches = list(DataLoader(Subset(setup.splits.train, idx), batch_size=s.batch_size, shuffle=False))
+    return batches if device is None else [(x.to(device), y.to(device)) for x, y in batches]
 
 
 def make_solver(config: Config, groupset, steps_per_epoch: int | None = None):
@@ -375,17 +397,18 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
     distributed.barrier()
     if main:
         folder.record_invocation("train", config)
-    setup = build(config)
+    setup = build(config, load_init=checkpoint is None)  # a resumed run's weights come from its checkpoint
     model, groupset = setup.model, setup.groupset
     model.to(device)  # in place (the GroupSet keeps its parameters); before the solver, whose state follows them
     from .data import make_loaders
     s = config.schedule
     pin = device.type == "cuda"  # page-locked batches: the host -> GPU copies do not block the host
     train_loader, val_loader, _ = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size,
-                                               pin_memory=pin)
+                                               pin_memory=pin, num_workers=config.data.num_workers)
     step_model: nn.Module = model
     if distributed.is_distributed():  # this rank's share of every global batch; DDP averages the gradients
-        train_loader = DataLoader(setup.splits.train, num_workers=0, generator=train_loader.generator,
+        train_loader = DataLoader(setup.splits.train, num_workers=config.data.num_workers, generator=train_loader.generator,
+                                  collate_fn=train_loader.collate_fn,
                                   pin_memory=pin, batch_sampler=distributed.ShardedBatchSampler(
                                       len(setup.splits.train), s.batch_size, distributed.rank(),
                                       distributed.world_size(), train_loader.generator))
@@ -393,7 +416,7 @@ def train(config: Config, out: str | Path, *, resume: bool = False, log: Log | N
         log(f"distributed: {distributed.world_size()} processes ({torch.distributed.get_backend()}), global batch "
             f"{s.batch_size}")
     solver, scheduler = make_solver(config, groupset, steps_per_epoch=len(train_loader))
-    recal = [(x.to(device), y.to(device)) for x, y in _recalibration_batches(setup)]  # moved once, reused
+    recal = _recalibration_batches(setup, device)  # in-memory data: moved once, reused
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
     start_epoch = 0
@@ -536,7 +559,7 @@ def _trained(folder: RunFolder, config: Config, stage: str) -> tuple[Setup, dict
         raise RuntimeError(f"training in {folder.path} stopped after epoch {checkpoint['epoch']} of "
                            f"{config.schedule.epochs}; finish it with `structkit train CONFIG --out {folder.path} "
                            f"--resume` (or `structkit run ... --resume`).")
-    setup = build(config)
+    setup = build(config, load_init=False)  # the trained weights replace model.init's
     setup.model.load_state_dict(checkpoint["model"])
     return setup, checkpoint
 
@@ -544,7 +567,8 @@ def _trained(folder: RunFolder, config: Config, stage: str) -> tuple[Setup, dict
 def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | None = None) -> dict[str, Any]:
     """Recalibrate BatchNorm, measure the trained model, prune it (verified), measure the slim model."""
     from .data import make_loaders
-    from .prune import prune, save_slim
+    from .prune import prune
+    from .slim import save_slim, structkit_source
 
     log = log or Log()
     t0 = time.perf_counter()
@@ -554,7 +578,8 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
     setup, _ = _trained(folder, config, "compress")
     s = config.schedule
     _say_cpu(log, folder, "compress", "BatchNorm recalibration, test accuracy, pruning and its verification")
-    _, _, test_loader = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size)
+    _, _, test_loader = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size,
+                                     num_workers=config.data.num_workers)
     model = setup.model
     recalibrate_batchnorm(model, _recalibration_batches(setup), s.precision)
     trained = evaluate(model, test_loader, s.precision)
@@ -562,7 +587,8 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
     slim, report = prune(model, setup.groupset, setup.verify_inputs, round_to=config.prune.round_to,
                          verify_tol=config.prune.verify_tol)
     slim_eval = evaluate(slim, test_loader, s.precision)
-    atomic_write(folder / "slim.pt", lambda tmp: save_slim(slim, tmp))
+    save_slim(slim, folder / "slim.pt", source=structkit_source(config.model.name, config.model.options,
+                                                                setup.splits.input_shape, setup.splits.num_classes))
     result = {"accuracy": {"trained": trained["accuracy"], "slim": slim_eval["accuracy"]},
               "loss": {"trained": trained["loss"], "slim": slim_eval["loss"]},
               "sparsity": _sparsity(metrics), "layers": metrics["layers"], "prune": report.to_dict(),
@@ -588,7 +614,7 @@ def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | No
     folder.record_invocation("export", config)
     folder.require("compress", "export")
     setup, _ = _trained(folder, config, "export")
-    slim = _load_slim(folder)
+    slim = _load_slim(folder, build=lambda: copy.deepcopy(setup.model))
     _say_cpu(log, folder, "export", "the ONNX export and its check in ONNX Runtime")
     d = config.deploy
     inputs = setup.verify_inputs[:64]
@@ -606,7 +632,6 @@ def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | No
 
 def bench(out: str | Path, *, overrides: list[str] | None = None, log: Log | None = None) -> dict[str, Any]:
     """ONNX Runtime latency of dense.onnx and slim.onnx (see structkit.deploy.measure_latency)."""
-    from .data import get_dataset
     from .deploy import environment, measure_latency
 
     log = log or Log()
@@ -615,7 +640,7 @@ def bench(out: str | Path, *, overrides: list[str] | None = None, log: Log | Non
     config = _stage_config(folder, overrides)
     folder.record_invocation("bench", config)
     folder.require("export", "bench")
-    splits = get_dataset(config.data.name, **config.data.options)
+    splits = load_data(config)
     images = _inputs(splits.test, max(config.deploy.batch_sizes)).numpy()
 
     def make_inputs(batch: int) -> dict[str, np.ndarray]:
@@ -648,15 +673,16 @@ def _say_cpu(log: Log, folder: RunFolder, stage: str, what: str) -> None:
             f"checkpoint)")
 
 
-def _load_slim(folder: RunFolder) -> nn.Module:
-    """slim.pt, or an error that says it is unusable and how to rebuild it."""
-    from .prune import load_slim
+def _load_slim(folder: RunFolder, build=None) -> nn.Module:
+    """slim.pt (rebuilt from ``build()``, the run's dense model; read as weights only: never runs code from the
+    file), or an error that says it is unusable and how to rebuild it."""
+    from .slim import load_slim
     path = folder / "slim.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; rerun `structkit compress {folder.path}`.")
     try:
-        return load_slim(path)
-    except Exception as err:  # truncated zip, pickle errors, a file from elsewhere: all mean it is unusable
+        return load_slim(path, build=build)
+    except Exception as err:  # truncated, tampered, a file from elsewhere, another model: all mean it is unusable
         raise RuntimeError(f"{path} is corrupt, truncated or not a structkit slim model ({type(err).__name__}: "
                            f"{err}); rebuild it with `structkit compress {folder.path}`.") from None
 

@@ -13,12 +13,8 @@ tensors, and :func:`prune` raises if that exceeds ``verify_tol`` (default per dt
 and ``prune(..., verify_dtype=torch.float64)`` run float64 copies of both models, where exact removal agrees
 to rounding (~1e-15), so ``1e-10`` separates exact from wrong by orders of magnitude.
 
-Saving: :func:`save_slim` pickles the whole module (``torch.save`` of the module object) together with a
-record of every layer's widths and head counts; :func:`load_slim` unpickles it and checks the record. A state
-dict alone cannot rebuild a slim model: the widths differ from the dense constructor's, some modules were
-replaced (pruned attention, factorized and binary layers), and a Hugging Face BERT keeps its per-layer head
-counts only on its layers (its config still says the dense count). Unpickling runs code: load only files you
-trust, with compatible torch / structkit / transformers versions.
+Saving: :func:`structkit.save_slim` / :func:`structkit.load_slim` (:mod:`structkit.slim`) store the slim
+architecture as data and the weights as tensors; loading rebuilds the model and never unpickles code.
 """
 from __future__ import annotations
 
@@ -37,6 +33,7 @@ from .structure._guard import DEFAULT_GRAPH_TIMEOUT, check_timeout
 from .structure._util import call, check_inputs, eval_mode, flatten_outputs
 from .structure.kinds import PruneContext
 from .structure.modules import MAC_COUNTERS
+from .slim import architecture, load_slim, save_slim  # noqa: F401  (re-exported: the old home)
 
 
 #: Default relative tolerances of :func:`prune`'s check, per floating dtype of the comparison. float32 reorders
@@ -265,43 +262,3 @@ def prune(model: nn.Module, groupset: GroupSet, example_inputs: Any, *, round_to
         err.report = report
         raise err
     return slim, report
-
-
-# ---------------------------------------------------------------- saving
-_WIDTH_ATTRS = ("in_features", "out_features", "in_channels", "out_channels", "groups", "num_features", "embed_dim",
-                "num_heads", "head_dim", "num_attention_heads", "attention_head_size", "all_head_size")
-_FORMAT = "structkit.slim"
-
-
-def architecture(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per module with a width: its class and integer width/head-count attributes (``out_features``,
-    ``num_heads``, BERT's ``num_attention_heads`` ...). Saved with a slim model and checked on load."""
-    arch = {}
-    for name, m in model.named_modules():
-        widths = {a: getattr(m, a) for a in _WIDTH_ATTRS if isinstance(getattr(m, a, None), int)}
-        if widths:
-            arch[name] = {"class": type(m).__name__, **widths}
-    return arch
-
-
-def save_slim(model: nn.Module, path) -> None:
-    """Save a (slim) model: the pickled module plus its :func:`architecture` record (see the module docstring
-    for why a state dict is not enough)."""
-    import structkit
-    torch.save({"format": _FORMAT, "version": 1, "model": model, "architecture": architecture(model),
-                "versions": {"torch": torch.__version__, "structkit": structkit.__version__}}, path)
-
-
-def load_slim(path, map_location: Any = "cpu") -> nn.Module:
-    """Load a model saved by :func:`save_slim` and check that every layer has the recorded widths and head
-    counts. Unpickles code: only load trusted files."""
-    saved = torch.load(path, map_location=map_location, weights_only=False)
-    if not (isinstance(saved, dict) and saved.get("format") == _FORMAT):
-        raise ValueError(f"{path} was not written by structkit.save_slim.")
-    model = saved["model"]
-    found = architecture(model)
-    if found != saved["architecture"]:
-        changed = sorted(n for n in set(found) | set(saved["architecture"]) if found.get(n) != saved["architecture"].get(n))
-        raise RuntimeError(f"{path}: the loaded model's layer widths / head counts differ from the saved record in "
-                           f"{changed[:5]}; the module classes changed since saving (saved with {saved['versions']}).")
-    return model

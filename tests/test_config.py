@@ -224,3 +224,10 @@ def test_own_data_and_model_configs_validate():
                                          "data.split={val_fraction: 0.2}", "model.init=runs/base"])
     assert callable_data.data.split.val_fraction == 0.2 and callable_data.data.split.test_fraction == 0.1
     assert load_config(DIGITS).model.init == "random" and load_config(DIGITS).data.num_workers == 0
+
+
+def test_training_hash_ignores_worker_count_and_new_fields_at_their_defaults():
+    """Runs made before model.init / data.split / data.num_workers existed still resume; a real change does not."""
+    base = load_config(DIGITS)
+    assert training_hash(base) == training_hash(load_config(DIGITS, ["data.num_workers=2"]))
+    assert training_hash(base) != training_hash(load_config(DIGITS, ["model.init=/tmp/weights.pt"]))

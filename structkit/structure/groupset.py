@@ -257,7 +257,7 @@ class GroupSet:
         return self
 
     def metrics(self) -> dict[str, Any]:
-        """Structure metrics of the current weights (ALGORITHMS.md):
+        """Structure metrics of the current weights (docs/structure.md):
 
         * ``weighted_group_sparsity`` -- over group_lasso param groups: entries in all-zero groups / entries;
         * ``lowrank_level`` -- over nuclear-regularized matrices: singular values below the numerical-rank
