@@ -92,11 +92,18 @@ class GroupLayout:
             self.parts, start, next_free = [], 0, 0
             for shape, numel, ix in zip(self.shapes, self.numels, indices):
                 view, ids = self._tensor_part(shape, ix, next_free)
-                self.parts.append(_Part(start, start + numel, view, ids.to(device)))
+                last = self.parts[-1] if self.parts else None
+                if last is not None and last.view[0] == view[0] == 1 and last.view[2] == view[2]:
+                    # rows of equal length back to back (a BatchNorm's weight and bias, ...): one view, fewer kernels
+                    self.parts[-1] = _Part(last.start, start + numel, (1, last.view[1] + view[1], view[2]),
+                                           torch.cat([last.ids, ids.to(device)]))
+                else:
+                    self.parts.append(_Part(start, start + numel, view, ids.to(device)))
                 start += numel
                 if ids.numel():
                     next_free = max(next_free, int(ids.max()) + 1)
             self.num_groups = next_free
+            self._slice_counts = [p.view[1] for p in self.parts]
             self._slice_ids = torch.cat([p.ids for p in self.parts]) if self.parts else \
                 torch.zeros(0, dtype=torch.long, device=device)
             # the common case (group_dim, no sharing): slice k is group k, so no index_add is needed at all
@@ -133,13 +140,8 @@ class GroupLayout:
 
     def _per_slice(self, v: torch.Tensor) -> list[torch.Tensor]:
         """A per-group vector as one ``(1, n, 1)`` view per tensor, ready to broadcast against :meth:`views`."""
-        out, k = [], 0
-        for p in self.parts:
-            n = p.view[1]
-            vals = v[k:k + n] if self._identity else v.index_select(0, p.ids)
-            out.append(vals.view(1, n, 1))
-            k += n
-        return out
+        per_slice = v if self._identity else v.index_select(0, self._slice_ids)  # one gather for all tensors
+        return [vals.view(1, -1, 1) for vals in per_slice.split(self._slice_counts)]
 
     def _combine(self, per_slice: torch.Tensor, how: str) -> torch.Tensor:
         """Per-slice values (all tensors, concatenated) -> per-group values."""
@@ -165,9 +167,12 @@ class GroupLayout:
         parts = []
         for v in self.views(x):
             pre, n, post = v.shape
-            r = torch.linalg.vector_norm(v, dim=2) if post > 1 else v.view(pre, n)      # (pre, n)
-            r = torch.linalg.vector_norm(r, dim=0) if pre > 1 else r.view(n).abs()      # (n,)
-            parts.append(r.square())
+            if post > 1:
+                r = torch.linalg.vector_norm(v, dim=2)                                      # (pre, n)
+                r = (torch.linalg.vector_norm(r, dim=0) if pre > 1 else r.view(n)).square_()
+            else:
+                r = v.view(pre, n).square().sum(0) if pre > 1 else v.view(n).square()
+            parts.append(r)
         return self._combine(torch.cat(parts), "sum")
 
     def norms(self, x: torch.Tensor) -> torch.Tensor:

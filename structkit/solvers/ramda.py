@@ -56,8 +56,8 @@ class RAMDA(DualAveragingOptimizer):
         V, U = state["V"], state["U"]
         views, grads = self._with_grad(params, layout.split(U))
         torch._foreach_addcmul_(views, grads, grads, value=s)
-        # P = U^(1/3) + eps; exp(log(U) / 3) is the cube root to an ulp and several times cheaper than pow
-        P = torch.log(U, out=self._buffer(group, "P", U)).mul_(1 / 3).exp_().add_(group["eps"])
+        # P = U^(1/3) + eps; 2^(log2(U) / 3) is the cube root to an ulp and about 3x cheaper than pow on CPU
+        P = torch.log2(U, out=self._buffer(group, "P", U)).mul_(1 / 3).exp2_().add_(group["eps"])
         z = torch.addcdiv(state["W0"], V, P, value=-1, out=self._buffer(group, "z", U))
         tau = state["alpha"] * group["lam"]
         if tau == 0:
