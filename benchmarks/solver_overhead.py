@@ -1,48 +1,123 @@
-"""Optimizer step time of each structkit solver vs torch.optim.AdamW(foreach=True), same run, same weights.
+"""Optimizer step cost of each structkit solver vs torch.optim.AdamW, built the way a user builds them.
 
-Weights: torchvision resnet50 (random init, 25.6M parameters); gradients: fixed synthetic tensors (so only
-the optimizer is timed). Conv weights get filter-wise group lasso (group_dim=0), the rest is unregularized.
-Solvers are timed round-robin (one step of each per round, so machine drift hits all alike); the table gives
-the median step time and its ratio to AdamW's median. A second table checks RAMDA's subproblem solution
-against a float64 exact solve of the same subproblem.
+For each model (torchvision, random init): the structure comes from a structure rule, as in a config
+(``{select: "*", types: [Conv2d], kind: channels, lam}``: every conv's output channels with its BatchNorm,
+coupled through residual adds by the dependency graph), the solver from ``get_solver(name)`` with
+``groupset.param_groups()`` and the defaults in benchmarks/defaults.py; AdamW is ``torch.optim.AdamW`` with its
+defaults (torch picks the implementation: the single-tensor one on CPU); ``adamw_foreach`` (its multi-tensor
+implementation) is timed as one more row. Gradients come from one real backward pass at batch 32 (224 x 224)
+and are set before every step, so only ``optimizer.step()`` is timed. Default allocator and threads. The
+optimizers are timed round-robin (one step of each per round, so machine drift hits all alike) after warm-up
+steps; the table gives each median and its ratio to AdamW's median in the same run.
 
-    python benchmarks/solver_overhead.py            # full: 30 timed rounds
-    python benchmarks/solver_overhead.py --quick    # smoke: small model, 5 rounds
+``--train-step`` also times whole training steps (forward + backward + step at batch 32, ``--train-size``
+pixels) for RAMDA and AdamW, round-robin.
+
+    python benchmarks/solver_overhead.py                      # resnet18 + resnet50, writes the JSON
+    python benchmarks/solver_overhead.py --quick              # smoke: resnet18, 3 rounds, no JSON
+    python benchmarks/solver_overhead.py --render docs/benchmarks.md   # table from the JSON into the doc
+
+Writes benchmarks/results/solver_overhead.json: ``rows`` with ``model, solver, device, step_ms, adamw_step_ms,
+ratio`` (and ``what``: ``optimizer_step`` or ``train_step``), plus the environment.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torchvision
 
-from structkit.regularizers import get_regularizer
-from structkit.runtime import reuse_freed_memory
-from structkit.solvers import RAMDA, RMDA, ProxGen, ProxSGD
-from structkit.solvers.subproblem import solve_subproblem
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from defaults import SOLVERS  # noqa: E402
+
+from structkit.solvers import get_solver  # noqa: E402
+from structkit.structure import group_parameters  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "solver_overhead.json"
+BEGIN, END = "<!-- solver_overhead:begin -->", "<!-- solver_overhead:end -->"
 
 
-def param_groups(model, lam):
-    convs = [p for n, p in model.named_parameters() if p.dim() == 4]
-    rest = [p for n, p in model.named_parameters() if p.dim() != 4]
-    return [{"params": convs, "regularizer": "group_lasso", "lam": lam, "group_dim": 0}, {"params": rest}]
+def build(arch: str, device: torch.device, lam: float):
+    """The model, its groupset (channels on every conv, as a config rule builds it) and real gradients."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).to(device)
+    example = torch.randn(2, 3, 64, 64, device=device)
+    groupset = group_parameters(model, example, [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": lam}])
+    x = torch.randn(32, 3, 224, 224, device=device)
+    y = torch.randint(0, 1000, (32,), device=device)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return model, groupset, grads
 
 
-def make_solvers(model, lam):
-    def groups():
-        return param_groups(model, lam)
-    return {
-        "AdamW (foreach)": torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True),
-        "RAMDA, exact group-lasso solve": RAMDA(groups(), lr=1e-2, momentum=1e-2, subproblem="exact"),
-        "RAMDA, proximal gradient": RAMDA(groups(), lr=1e-2, momentum=1e-2, subproblem="pg"),
-        "RMDA": RMDA(groups(), lr=0.1, momentum=0.1),
-        "ProxSGD": ProxSGD(groups(), lr=0.1),
-        "ProxGen": ProxGen(groups(), lr=1e-3),
-    }
+def make_optimizer(name: str, model, groupset):
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if name == "adamw_foreach":  # AdamW's multi-tensor implementation, a stricter reference on CPU
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    return get_solver(name)(groupset.param_groups(), **SOLVERS[name])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_optimizer_steps(arch, device, lam, solvers, rounds, warmup):
+    base, _, grads = build(arch, device, lam)
+    runs = {}
+    for name in ["adamw", *solvers]:
+        model = copy.deepcopy(base)
+        groupset = group_parameters(model, torch.randn(2, 3, 64, 64, device=device),
+                                    [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": lam}])
+        runs[name] = (model, make_optimizer(name, model, groupset))
+    times = {name: [] for name in runs}
+    for r in range(warmup + rounds):
+        for name, (model, opt) in runs.items():
+            for n, p in model.named_parameters():
+                p.grad = grads[n]
+            sync(device)
+            t0 = time.perf_counter()
+            opt.step()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    stats = {name: opt.solver_stats() for name, (_, opt) in runs.items() if hasattr(opt, "solver_stats")}
+    return times, stats
+
+
+def time_train_steps(arch, device, lam, rounds, warmup, size):
+    base, _, _ = build(arch, device, lam)
+    runs = {}
+    for name in ("adamw", "ramda"):
+        model = copy.deepcopy(base)
+        groupset = group_parameters(model, torch.randn(2, 3, 64, 64, device=device),
+                                    [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": lam}])
+        runs[name] = (model, make_optimizer(name, model, groupset))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 1000, (32,), generator=g).to(device)
+    times = {name: [] for name in runs}
+    for r in range(warmup + rounds):
+        for name, (model, opt) in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def cpu_model() -> str:
@@ -55,96 +130,81 @@ def cpu_model() -> str:
     return platform.processor()
 
 
-def main():
+def render(doc: Path, results: Path = RESULTS) -> None:
+    """Replace the block between the markers in ``doc`` with a table made from the JSON file."""
+    data = json.loads(results.read_text())
+    env = data["environment"]
+    lines = [BEGIN,
+             f"Measured {env['date']} on {env['cpu']} ({env['threads']} threads, device {env['device']}), torch "
+             f"{env['torch']}, default allocator, load average {env['load_avg_start']:.1f} at the start and "
+             f"{env['load_avg_end']:.1f} at the end; {env['rounds']} timed rounds after {env['warmup']} warm-up, "
+             "medians. Generated from `benchmarks/results/solver_overhead.json` by "
+             "`python benchmarks/solver_overhead.py --render docs/benchmarks.md`.", "",
+             "| model | what | solver | step (ms) | AdamW step (ms) | x AdamW | inner iters (mean / max) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        inner = "" if r.get("mean_inner_iters") is None else f"{r['mean_inner_iters']:.2f} / {r['max_inner_iters']}"
+        lines.append(f"| {r['model']} | {r['what']} | {r['solver']} | {r['step_ms']:.1f} | {r['adamw_step_ms']:.1f} | "
+                     f"{r['ratio']:.2f} | {inner} |")
+    lines.append(END)
+    text = doc.read_text()
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{doc} has no {BEGIN} ... {END} block to fill in.")
+    head, rest = text.split(BEGIN, 1)
+    doc.write_text(head + "\n".join(lines) + rest.split(END, 1)[1])
+    print(f"wrote the table into {doc}")
+
+
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="resnet18 and 5 rounds")
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
+    ap.add_argument("--solvers", nargs="+", default=["ramda", "rmda", "proxsgd", "proxgen", "adamw_foreach"])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--lam", type=float, default=1e-4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--malloc-tuning", action="store_true",
-                    help="call structkit.runtime.reuse_freed_memory() first, as the CLI does")
+    ap.add_argument("--train-step", action="store_true", help="also time forward + backward + step (RAMDA, AdamW)")
+    ap.add_argument("--train-size", type=int, default=128, help="image size of the --train-step batches")
+    ap.add_argument("--quick", action="store_true", help="resnet18, 3 rounds, 1 warm-up, no JSON unless --json")
+    ap.add_argument("--json", help=f"where to write the results (default {RESULTS.relative_to(Path.cwd()) if RESULTS.is_relative_to(Path.cwd()) else RESULTS})")
+    ap.add_argument("--render", metavar="DOC", help="only write the table from the JSON into DOC and exit")
     args = ap.parse_args()
-    rounds = 5 if args.quick else args.rounds
-    tuned = reuse_freed_memory() if args.malloc_tuning else False
+    if args.render:
+        render(Path(args.render), Path(args.json) if args.json else RESULTS)
+        return
+    if args.quick:
+        args.models, args.rounds, args.warmup = ["resnet18"], 3, 1
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    arch = "resnet18" if args.quick else "resnet50"
-    base = torchvision.models.get_model(arch, weights=None).to(device)
-    grads = {n: torch.randn_like(p) * 1e-2 for n, p in base.named_parameters()}
-
-    models, solvers = {}, {}
-    import copy
-    for name in make_solvers(base, args.lam):
-        models[name] = copy.deepcopy(base)
-        solvers[name] = make_solvers(models[name], args.lam)[name]
-
-    def one_step(name):
-        for n, p in models[name].named_parameters():
-            p.grad = grads[n]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        solvers[name].step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    times = {name: [] for name in solvers}
-    for r in range(args.warmup + rounds):
-        for name in solvers:
-            dt = one_step(name)
-            if r >= args.warmup:
-                times[name].append(dt)
-    ref = statistics.median(times["AdamW (foreach)"])
-    rows = []
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        stats = solvers[name].solver_stats() if hasattr(solvers[name], "solver_stats") else {}
-        rows.append({"solver": name, "median_ms": 1e3 * med, "ratio_vs_adamw": med / ref,
-                     "mean_inner_iters": stats.get("mean_inner_iters"), "max_inner_iters": stats.get("max_inner_iters")})
-
-    # subproblem accuracy: RAMDA's current conv subproblem, float32 solvers vs a float64 exact solve
-    opt = solvers["RAMDA, exact group-lasso solve"]
-    group = opt.param_groups[0]
-    state, layout = opt.state[group["params"][0]], opt.group_layout(0)
-    P = state["U"].pow(1 / 3) + group["eps"]
-    z = state["W0"] - state["V"] / P
-    tau = state["alpha"] * group["lam"]
-    reg = get_regularizer("group_lasso")
-    from structkit.layout import GroupLayout
-    layout64 = GroupLayout(layout.shapes, layout.indices, device=device, dtype=torch.float64)
-    exact64 = reg.prox_diag(z.double(), P.double(), tau, layout64)
-    w = layout.flatten(group["params"])
-    accuracy = []
-    for method in ("exact", "pg"):
-        sol, info = solve_subproblem(reg, z, P, tau, layout, warm_start=w,
-                                     rtol=group["inner_tol"], method=method)
-        sol = sol.detach()
-        err = torch.linalg.vector_norm(sol.double() - exact64) / torch.linalg.vector_norm(exact64)
-        same_zeros = bool(((layout64.norms(sol.double()) == 0) == (layout64.norms(exact64) == 0)).all())
-        accuracy.append({"method": method, "rel_error_vs_float64_exact": float(err), "inner_iters": info.iters,
-                         "same_zero_groups": same_zeros})
-
-    env = {"model": arch, "params": sum(p.numel() for p in base.parameters()), "device": str(device),
-           "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": rounds,
-           "malloc_tuning": tuned,
-           "date": time.strftime("%Y-%m-%d")}
-    print(f"# {arch} ({env['params'] / 1e6:.1f}M params) on {device} ({env['cpu']}, {env['threads']} threads), "
-          f"{rounds} rounds, median step time, malloc tuning {'on' if tuned else 'off'}")
-    print("| solver | median step (ms) | x AdamW | mean / max inner iters |")
-    print("|---|---|---|---|")
-    for r in rows:
-        inner = "" if r["mean_inner_iters"] is None else f"{r['mean_inner_iters']:.1f} / {r['max_inner_iters']}"
-        print(f"| {r['solver']} | {r['median_ms']:.1f} | {r['ratio_vs_adamw']:.2f} | {inner} |")
-    print("\n| subproblem method | rel. error vs float64 exact | inner iters | same zero groups |")
-    print("|---|---|---|---|")
-    for a in accuracy:
-        print(f"| {a['method']} | {a['rel_error_vs_float64_exact']:.1e} | {a['inner_iters']} | {a['same_zero_groups']} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "steps": rows, "subproblem": accuracy}, f, indent=2)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here; use --device cpu.")
+    rows, load_start = [], os.getloadavg()[0]
+    print("| model | what | solver | step (ms) | AdamW (ms) | x AdamW |")
+    for arch in args.models:
+        times, stats = time_optimizer_steps(arch, device, args.lam, args.solvers, args.rounds, args.warmup)
+        ref = statistics.median(times["adamw"])
+        for name in args.solvers:
+            med = statistics.median(times[name])
+            s = stats.get(name, {})
+            rows.append({"model": arch, "what": "optimizer_step", "solver": name, "device": str(device),
+                         "step_ms": 1e3 * med, "adamw_step_ms": 1e3 * ref, "ratio": med / ref,
+                         "mean_inner_iters": s.get("mean_inner_iters"), "max_inner_iters": s.get("max_inner_iters")})
+            print(f"| {arch} | optimizer_step | {name} | {1e3 * med:.1f} | {1e3 * ref:.1f} | {med / ref:.2f} |", flush=True)
+        if args.train_step:
+            times = time_train_steps(arch, device, args.lam, max(3, args.rounds // 3), 2, args.train_size)
+            ref, med = statistics.median(times["adamw"]), statistics.median(times["ramda"])
+            rows.append({"model": arch, "what": f"train_step_b32_{args.train_size}px", "solver": "ramda",
+                         "device": str(device), "step_ms": 1e3 * med, "adamw_step_ms": 1e3 * ref, "ratio": med / ref})
+            print(f"| {arch} | train_step b32 {args.train_size}px | ramda | {1e3 * med:.1f} | {1e3 * ref:.1f} | "
+                  f"{med / ref:.2f} |", flush=True)
+    env = {"device": str(device), "cpu": cpu_model() if device.type == "cpu" else torch.cuda.get_device_name(device),
+           "threads": torch.get_num_threads(), "torch": torch.__version__, "rounds": args.rounds,
+           "warmup": args.warmup, "lam": args.lam, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "load_avg_start": load_start, "load_avg_end": os.getloadavg()[0]}
+    out = Path(args.json) if args.json else (None if args.quick else RESULTS)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"environment": env, "rows": rows}, indent=2) + "\n")
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
