@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .structure.rules import StructureRule
 
-__all__ = ["Config", "ModelConfig", "DataConfig", "SplitConfig", "OptimizerConfig", "ScheduleConfig", "PruneConfig",
+__all__ = ["Config", "ModelConfig", "DataConfig", "SplitConfig", "OptimizerConfig", "ScheduleConfig", "PruneConfig", "FinetuneConfig",
            "DeployConfig", "ConfigError", "load_config", "validate", "apply_overrides", "parse_yaml", "training_hash",
            "training_view", "TRAINING_SECTIONS"]
 
@@ -359,6 +359,18 @@ class PruneConfig(_Section):
         return value
 
 
+class FinetuneConfig(_Section):
+    """``finetune``: train the slim model after pruning (0 epochs = off). The epochs count in the run's budget."""
+
+    epochs: int = Field(0, ge=0, description="fine-tuning epochs of the slim model after pruning; 0 = none")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate, decayed to 0 by a cosine schedule")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    distill: bool = Field(False, description="knowledge distillation from the trained dense model: the loss mixes "
+                                             "cross entropy with T^2 KL(teacher || student) on logits at temperature T")
+    temperature: float = Field(4.0, gt=0, description="distillation temperature T")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (1 - alpha: cross entropy)")
+
+
 class DeployConfig(_Section):
     """``deploy``: ONNX export and the ONNX Runtime latency protocol."""
 
@@ -409,6 +421,7 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     structure: list[StructureRule] = Field(description="structure rules (see structkit.structure.rules)")
     prune: PruneConfig = Field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @model_validator(mode="before")

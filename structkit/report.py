@@ -41,7 +41,8 @@ def build_report(folder) -> dict[str, Any]:
         if final else None)
     return {
         "accuracy": {"trained": _get(comp, "accuracy", "trained"), "slim": _get(comp, "accuracy", "slim"),
-                     "val_final": final.get("val_accuracy")},
+                     "slim_pruned": _get(comp, "accuracy", "slim_pruned"), "val_final": final.get("val_accuracy")},
+        "finetune": {k: v for k, v in ((comp or {}).get("finetune") or {}).items() if k != "history"} or None,
         "sparsity": sparsity,
         "params": {"before": prune.get("params_before"), "after": prune.get("params_after")},
         "macs": {"before": prune.get("macs_before"), "after": prune.get("macs_after")},
@@ -128,6 +129,13 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
     lines += ["", f"Weighted group sparsity {_num(sp.get('weighted_group_sparsity'), '{:.4f}')}; "
                   f"{_num(sp.get('zero_groups'))} of {_num(sp.get('num_groups'))} groups exactly zero; "
                   f"validation accuracy after the last epoch {_num(acc.get('val_final'), '{:.4f}')}.", ""]
+    if report.get("finetune"):
+        ft = report["finetune"]
+        lines += [f"The slim model was fine-tuned for {ft['epochs']} epoch(s)"
+                  + (" with distillation from the dense model" if ft.get("distill") else "")
+                  + f" after pruning ({ft['budget_epochs']} epochs in all); its test accuracy before fine-tuning, "
+                  f"verified equal to the trained model's function, was {_num(acc.get('slim_pruned'), '{:.4f}')}.",
+                  ""]
     if report.get("warnings"):
         lines += ["## Warnings", "", *[f"- **warning**: {w}" for w in report["warnings"]], ""]
     onnx = verify.get("onnx") or {}

@@ -75,13 +75,15 @@ def _grad_probe(grads: list[torch.Tensor]) -> torch.Tensor:
 
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epoch: int,
                 precision: str = "fp32", on_step: Callable[[int, float], None] | None = None,
-                device: torch.device | str | None = None) -> float:
+                device: torch.device | str | None = None,
+                loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
     """One pass over ``loader``; returns the mean training loss (weighted by batch size).
 
     Batches go to ``device`` (default: the model's device). Raises :class:`NonFiniteError` (a RuntimeError)
     naming the epoch and step when the loss or a gradient is not finite, before the solver step (the weights
     stay those of the last good step). One host sync per step (the loss and the gradient probe, read together);
-    under torchrun one more, the collective on the batch size."""
+    under torchrun one more, the collective on the batch size. ``loss_fn(logits, x, y)`` replaces the cross
+    entropy (fine-tuning with distillation uses it)."""
     device = torch.device(device) if device is not None else _model_device(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     model.train()
@@ -91,7 +93,7 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
         optimizer.zero_grad(set_to_none=True)
         with autocast(precision, device.type):
             logits = model(x)
-        loss = _loss(logits, y)
+        loss = _loss(logits, y) if loss_fn is None else loss_fn(logits, x, y)
         scale = 1.0
         if distributed.is_distributed():  # one collective: global batch size, and whether any rank went non-finite
             value = loss.item()

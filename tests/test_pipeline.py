@@ -343,3 +343,33 @@ def test_bf16_on_cuda_keeps_float32_parameters_and_solver_state(tmp_path):
     tensors = [v for s in state["optimizer"]["state"].values() for v in s.values() if torch.is_tensor(v)
                and v.is_floating_point()]
     assert tensors and all(v.dtype == torch.float32 and v.device.type == "cpu" for v in tensors)
+
+
+def test_finetune_stage_trains_the_slim_model_reports_it_and_resumes(tmp_path):
+    """finetune.epochs > 0: the verified slim model is fine-tuned (with distillation), slim.pt holds the
+    fine-tuned weights, the report keeps the pruned accuracy, and re-running the stage resumes (no retraining)."""
+    from structkit.slim import load_slim
+    out = tmp_path / "ft"
+    config = load_config(DIGITS, ["schedule.epochs=2", "optimizer.milestones=[1]", "finetune.epochs=2",
+                                  "finetune.distill=true", "finetune.lr=2e-3"])
+    pipeline.train(config, out, log=pipeline.Log(quiet=True))
+    result = pipeline.compress(out, log=pipeline.Log(quiet=True))
+    ft = result["finetune"]
+    assert [r["epoch"] for r in ft["history"]] == [1, 2] and ft["budget_epochs"] == 4 and ft["distill"]
+    assert 0 <= result["accuracy"]["slim_pruned"] <= 1 and 0 <= result["accuracy"]["slim"] <= 1
+    assert sorted(p.name for p in (out / "checkpoints").glob("finetune_*.pt")) == ["finetune_0001.pt", "finetune_0002.pt"]
+    again = pipeline.compress(out, log=pipeline.Log(quiet=True))  # resumes after epoch 2: same weights, no training
+    assert again["accuracy"]["slim"] == result["accuracy"]["slim"] and again["finetune"]["history"] == ft["history"]
+    slim = load_slim(out / "slim.pt")
+    assert sum(p.numel() for p in slim.parameters()) == result["prune"]["params_after"]
+    assert "fine-tuned for 2 epoch(s) with distillation" in (out / "report.md").read_text()
+
+
+def test_distillation_loss_is_cross_entropy_at_alpha_zero_and_zero_kl_for_equal_logits():
+    import torch.nn.functional as F
+    from structkit.finetune import distillation_loss
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    ce = F.cross_entropy(logits, labels)
+    assert torch.allclose(distillation_loss(logits, torch.randn(8, 5), labels, temperature=4.0, alpha=0.0), ce)
+    assert torch.allclose(distillation_loss(logits, logits, labels, temperature=3.0, alpha=0.5), 0.5 * ce, atol=1e-6)
