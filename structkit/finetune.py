@@ -85,20 +85,9 @@ def finetune(slim: nn.Module, train_loader, settings, *, checkpoints: Path, key:
             target = teacher(x)
         return distillation_loss(logits, target, y, temperature=settings.temperature, alpha=settings.alpha)
 
-    class _Stepper:  # the cosine schedule steps with every optimizer step
-        param_groups = opt.param_groups
-
-        @staticmethod
-        def zero_grad(set_to_none: bool = True):
-            opt.zero_grad(set_to_none=set_to_none)
-
-        @staticmethod
-        def step():
-            opt.step()
-            sched.step()
-
     for epoch in range(start + 1, settings.epochs + 1):
-        loss = train_epoch(slim, train_loader, _Stepper, epoch=epoch, precision=precision, loss_fn=loss_fn)
+        loss = train_epoch(slim, train_loader, opt, epoch=epoch, precision=precision, loss_fn=loss_fn,
+                           on_step=lambda step, value: sched.step())  # the cosine schedule steps with the optimizer
         record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": opt.param_groups[0]["lr"]}
         if val_loader is not None:
             recalibrate_batchnorm(slim, recalibration, precision)

@@ -108,9 +108,9 @@ class GroupLayout:
                 torch.zeros(0, dtype=torch.long, device=device)
             # the common case (group_dim, no sharing): slice k is group k, so no index_add is needed at all
             self._identity = bool(torch.equal(self._slice_ids.cpu(), torch.arange(self.num_groups)))
-            counts = torch.tensor([p.view[0] * p.view[2] for p in self.parts for _ in range(p.view[1])],
-                                  dtype=dtype)
-            self.sizes = self._combine(counts.to(device), "sum")
+            counts = [torch.full((p.view[1],), p.view[0] * p.view[2], dtype=dtype, device=device) for p in self.parts]
+            self.sizes = self._combine(torch.cat(counts) if counts else torch.zeros(0, dtype=dtype, device=device),
+                                       "sum")
         self.weights = self.sizes.sqrt()
 
     @staticmethod

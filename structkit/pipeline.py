@@ -624,10 +624,11 @@ def _finetune(folder: RunFolder, config: Config, setup: Setup, dense: nn.Module,
     log(f"fine-tuning the slim model: {f.epochs} epoch(s), AdamW lr {f.lr:g} with cosine decay"
         + (f", distilled from the dense model (T {f.temperature:g}, alpha {f.alpha:g})" if f.distill else ""))
     t0 = time.perf_counter()
+    recalibration = _recalibration_batches(setup)
     history = finetune(slim, train_loader, f, checkpoints=folder.checkpoints, key=key,
                        teacher=dense if f.distill else None, precision=s.precision,
-                       recalibration=_recalibration_batches(setup), val_loader=val_loader, log=log)
-    recalibrate_batchnorm(slim, _recalibration_batches(setup), s.precision)
+                       recalibration=recalibration, val_loader=val_loader, log=log)
+    recalibrate_batchnorm(slim, recalibration, s.precision)
     slim.eval()
     return {"epochs": f.epochs, "distill": f.distill, "history": history, "seconds": time.perf_counter() - t0,
             "budget_epochs": s.epochs + f.epochs}

@@ -148,6 +148,17 @@ class StructuredOptimizer(Optimizer):
         pairs = [(v, p.grad) for p, v in zip(params, views) if p.grad is not None]
         return [v for v, _ in pairs], [g for _, g in pairs]
 
+    def _lerp_grads_(self, params, buf, layout, weight: float) -> list[torch.Tensor]:
+        """``buf = (1 - weight) buf + weight g`` in place (a moving average of the gradients; a missing gradient
+        counts as 0). Returns the gradients that exist."""
+        views, grads = self._with_grad(params, layout.split(buf))
+        if len(grads) < len(params):
+            buf.mul_(1 - weight)
+            torch._foreach_add_(views, grads, alpha=weight)
+        else:
+            torch._foreach_lerp_(views, grads, weight)
+        return grads
+
     def _solve(self, group, state, reg, z, d, tau, layout, warm_start):
         """The step's subproblem (``solve_subproblem``) at tolerance ``inner_tol / t^(0.5 + inner_delta)``, in the
         group's persistent work vectors (``z`` is used as scratch), carrying the regularizer's warm start in

@@ -47,12 +47,7 @@ class ProxGen(StructuredOptimizer):
         t = state["step"]
         beta1, beta2 = group["betas"]
         m, v = state["m"], state["v"]
-        m_views, grads = self._with_grad(params, layout.split(m))
-        if len(grads) < len(params):  # a missing gradient counts as 0: decay everything, then add
-            m.mul_(beta1)
-            torch._foreach_add_(m_views, grads, alpha=1 - beta1)
-        else:
-            torch._foreach_lerp_(m_views, grads, 1 - beta1)
+        grads = self._lerp_grads_(params, m, layout, 1 - beta1)
         v.mul_(beta2)
         torch._foreach_addcmul_(self._with_grad(params, layout.split(v))[0], grads, grads, value=1 - beta2)
         D = torch.sqrt(v, out=self._buffer(group, "D", v)).mul_(1 / math.sqrt(1 - beta2 ** t)).add_(group["eps"])

@@ -26,14 +26,10 @@ class ProxSGD(StructuredOptimizer):
         if first:
             state["buf"] = params[0].new_zeros(layout.numel)
         buf = state["buf"]
-        views, grads = self._with_grad(params, layout.split(buf))
         if first:  # b_1 = g
-            torch._foreach_copy_(views, grads)
-        elif len(grads) < len(params):  # a missing gradient counts as 0
-            buf.mul_(1 - group["momentum"])
-            torch._foreach_add_(views, grads, alpha=group["momentum"])
+            torch._foreach_copy_(*self._with_grad(params, layout.split(buf)))
         else:
-            torch._foreach_lerp_(views, grads, group["momentum"])
+            self._lerp_grads_(params, buf, layout, group["momentum"])
         w = self._buffer(group, "w", buf)
         torch._foreach_copy_(layout.split(w), list(params))
         reg.prox_(w.add_(buf, alpha=-group["lr"]), group["lr"] * group["lam"], layout)
