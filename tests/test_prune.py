@@ -368,16 +368,8 @@ def test_macs_are_per_example_in_total_and_per_layer():
 
 
 # ---------------------------------------------------------------- issue 15: relative verification, guards at prune time
-class Nudge(StructureKind):
+class Nudge(Sabotage):
     """A broken kind: its prune scales a weight by (1 + 5e-4), a 5e-4 relative error."""
-    handles = "Linear layers"
-
-    def accepts(self, module):
-        return isinstance(module, nn.Linear)
-
-    def build(self, ctx, targets):
-        return [Block(kind=self.name, label=t.name, num_groups=1, regularizer="none", lam=0.0,
-                      tensors=[(ctx.param(t.module, "weight"), "tensor")], rule=t.rule_index) for t in targets]
 
     def prune(self, ctx, blocks, zero):
         with torch.no_grad():

@@ -25,20 +25,28 @@ def test_ramda_with_lam_zero_is_madgrad_written_out_in_float64():
     target = torch.randn(5, 7, dtype=torch.float64)
     lr, c, eps = 0.03, 0.2, 1e-6
     opt = RAMDA([w], lr=lr, momentum=c, eps=eps)
-    # the reference recurrence
-    ref = w.detach().clone()
+    ref = follow_ramda_reference(opt, w, w.detach().clone(), target, lr=lr, c=c, eps=eps, steps=50)
+    assert torch.allclose(w.detach(), ref, rtol=0, atol=1e-10)
+
+
+def follow_ramda_reference(opt, w, ref, target, *, lr, c, eps, steps, w_hat=None, ramp=False):
+    """One stage of RAMDA written out (float64), stepped side by side with ``opt`` on ``w``; returns the reference
+    iterate. ``w_hat(z, P, alpha)`` solves the subproblem (None: ``W_hat = z``, i.e. lam = 0, MADGRAD); ``ramp``:
+    the final stage's ``c_t = min(c sqrt(t), 1)``."""
     w0, V, U, alpha = ref.clone(), torch.zeros_like(ref), torch.zeros_like(ref), 0.0
-    for t in range(1, 51):
+    for t in range(1, steps + 1):
         g = quadratic_grads(ref, target)
         s = lr * math.sqrt(t)
         alpha += s
         V += s * g
         U += s * g * g
         P = U ** (1 / 3) + eps
-        ref = (1 - c) * ref + c * (w0 - V / P)
+        z = w0 - V / P
+        ct = min(c * math.sqrt(t), 1.0) if ramp else c
+        ref = (1 - ct) * ref + ct * (z if w_hat is None else w_hat(z, P, alpha))
         w.grad = quadratic_grads(w.detach(), target)
         opt.step()
-    assert torch.allclose(w.detach(), ref, rtol=0, atol=1e-10)
+    return ref
 
 
 def planted_problem(seed=0, n=300, groups=12, size=5, active=4):
@@ -282,19 +290,10 @@ def test_ramda_with_group_lasso_follows_the_reference_update_in_float64(method, 
             opt.restart(0.1, momentum_ramp=True)
             lr *= 0.1
             eps *= 0.1
-        w0, V, U, alpha = ref.clone(), torch.zeros_like(ref), torch.zeros_like(ref), 0.0
-        for t in range(1, steps + 1):
-            g = quadratic_grads(ref, target)
-            s = lr * math.sqrt(t)
-            alpha += s
-            V += s * g
-            U += s * g * g
-            P = U ** (1 / 3) + eps
-            w_hat = exact_group_lasso_diag(w0 - V / P, P, torch.full((6,), alpha * lam * weight, dtype=torch.float64))
-            ct = min(c * math.sqrt(t), 1.0) if stage == 1 else c
-            ref = (1 - ct) * ref + ct * w_hat
-            w.grad = quadratic_grads(w.detach(), target)
-            opt.step()
+        ref = follow_ramda_reference(
+            opt, w, ref, target, lr=lr, c=c, eps=eps, steps=steps, ramp=stage == 1,
+            w_hat=lambda z, P, alpha: exact_group_lasso_diag(z, P, torch.full((6,), alpha * lam * weight,
+                                                                               dtype=torch.float64)))
         assert torch.allclose(w.detach(), ref, rtol=0, atol=tol), (stage, (w.detach() - ref).abs().max())
     zero_rows = ref.norm(dim=1) == 0
     assert zero_rows.any(), "the test should exercise exact zero groups"
