@@ -45,18 +45,22 @@ RESULTS = Path(__file__).resolve().parent / "results" / "solver_overhead.json"
 BEGIN, END = "<!-- solver_overhead:begin -->", "<!-- solver_overhead:end -->"
 
 
-def build(arch: str, device: torch.device, lam: float):
-    """The model, its groupset (channels on every conv, as a config rule builds it) and real gradients."""
+def channel_groups(model, device: torch.device, lam: float):
+    """Every conv's output channels (with its BatchNorm), as the config rule below builds them."""
+    return group_parameters(model, torch.randn(2, 3, 64, 64, device=device),
+                            [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": lam}])
+
+
+def build(arch: str, device: torch.device):
+    """The model and real gradients (one batch of 32 at 224 x 224)."""
     torch.manual_seed(0)
     model = torchvision.models.get_model(arch, weights=None).to(device)
-    example = torch.randn(2, 3, 64, 64, device=device)
-    groupset = group_parameters(model, example, [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": lam}])
     x = torch.randn(32, 3, 224, 224, device=device)
     y = torch.randint(0, 1000, (32,), device=device)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    return model, groupset, grads
+    return model, grads
 
 
 def make_optimizer(name: str, model, groupset):
@@ -72,14 +76,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_optimizer_steps(arch, device, lam, solvers, rounds, warmup):
-    base, _, grads = build(arch, device, lam)
+def copies(base, names, device, lam):
+    """``name -> (a copy of base, its optimizer built through the public API)``."""
     runs = {}
-    for name in ["adamw", *solvers]:
+    for name in names:
         model = copy.deepcopy(base)
-        groupset = group_parameters(model, torch.randn(2, 3, 64, 64, device=device),
-                                    [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": lam}])
-        runs[name] = (model, make_optimizer(name, model, groupset))
+        runs[name] = (model, make_optimizer(name, model, channel_groups(model, device, lam)))
+    return runs
+
+
+def time_optimizer_steps(arch, device, lam, solvers, rounds, warmup):
+    base, grads = build(arch, device)
+    runs = copies(base, ["adamw", *solvers], device, lam)
     times = {name: [] for name in runs}
     for r in range(warmup + rounds):
         for name, (model, opt) in runs.items():
@@ -96,13 +104,8 @@ def time_optimizer_steps(arch, device, lam, solvers, rounds, warmup):
 
 
 def time_train_steps(arch, device, lam, rounds, warmup, size):
-    base, _, _ = build(arch, device, lam)
-    runs = {}
-    for name in ("adamw", "ramda"):
-        model = copy.deepcopy(base)
-        groupset = group_parameters(model, torch.randn(2, 3, 64, 64, device=device),
-                                    [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": lam}])
-        runs[name] = (model, make_optimizer(name, model, groupset))
+    base, _ = build(arch, device)
+    runs = copies(base, ["adamw", "ramda"], device, lam)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(32, 3, size, size, generator=g).to(device)
     y = torch.randint(0, 1000, (32,), generator=g).to(device)
