@@ -23,7 +23,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from structkit import pipeline
+from structkit import pipeline, train_stage
 from structkit.cli import EXIT_ERROR, main
 from structkit.config import load_config, parse_yaml
 
@@ -309,7 +309,7 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_checkpoint(tmp_
                 yield (torch.full_like(x, float("nan")) if step == 5 else x), y
         return real(model, batches(), optimizer, epoch=epoch, **kw)
 
-    monkeypatch.setattr(pipeline, "train_epoch", poisoned)
+    monkeypatch.setattr(train_stage, "train_epoch", poisoned)
     out = tmp_path / "nan"
     code, _, err = _cli(["train", str(DIGITS), "--out", str(out), "--quiet", "--set", "schedule.epochs=2",
                          "optimizer.milestones=[1]"])
