@@ -28,7 +28,7 @@ __all__ = ["Config", "ModelConfig", "DataConfig", "SplitConfig", "OptimizerConfi
            "training_view", "TRAINING_SECTIONS"]
 
 #: the sections that decide the training trajectory; a checkpoint is only resumed under the same values
-TRAINING_SECTIONS = ("model", "data", "optimizer", "schedule", "structure")
+TRAINING_SECTIONS = ("model", "data", "optimizer", "schedule", "structure", "compress")
 #: structure keys of a param group: they come from the structure rules, not from optimizer.options
 _STRUCTURE_KEYS = {"self", "params", "regularizer", "lam", "group_dim", "group_index"}
 #: schedule keys that do not decide the trajectory (left out of the training hash)
@@ -371,6 +371,41 @@ class FinetuneConfig(_Section):
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term (1 - alpha: cross entropy)")
 
 
+class TargetConfig(_Section):
+    """``compress.target``: exactly one cost, as a ratio of the dense model's (e.g. ``macs: 0.5``)."""
+
+    macs: float | None = Field(None, gt=0, lt=1, description="multiply-accumulates of the slim model / dense")
+    params: float | None = Field(None, gt=0, lt=1, description="parameters of the slim model / dense")
+    latency: float | None = Field(None, gt=0, lt=1, description="ONNX Runtime median latency of the slim model / "
+                                                                "dense, at batch size `batch`, deploy.threads threads")
+    batch: int = Field(64, ge=1, description="batch size of a latency target")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetConfig:
+        given = [k for k in ("macs", "params", "latency") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of macs, params, latency (a ratio of the dense model in (0, 1), e.g. "
+                             f"macs: 0.5); got {', '.join(given) or 'none'}")
+        return self
+
+    @property
+    def metric(self) -> str:
+        return next(k for k in ("macs", "params", "latency") if getattr(self, k) is not None)
+
+    @property
+    def ratio(self) -> float:
+        return getattr(self, self.metric)
+
+
+class CompressConfig(_Section):
+    """``compress``: aim at a cost target instead of a hand-tuned lam (structkit/target.py has the method)."""
+
+    target: TargetConfig | None = Field(None, description="null: remove the exact zeros the training found")
+    tolerance: float = Field(0.05, gt=0, lt=1, description="how far below the target the reached ratio may be")
+    checks_per_epoch: int = Field(8, ge=1, description="how often per epoch the lam controller measures the "
+                                                       "identified structure and adapts lam")
+
+
 class DeployConfig(_Section):
     """``deploy``: ONNX export and the ONNX Runtime latency protocol."""
 
@@ -422,6 +457,7 @@ class Config(_Section):
     structure: list[StructureRule] = Field(description="structure rules (see structkit.structure.rules)")
     prune: PruneConfig = Field(default_factory=PruneConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
     deploy: DeployConfig = Field(default_factory=DeployConfig)
 
     @model_validator(mode="before")
@@ -459,6 +495,19 @@ class Config(_Section):
             raise ValueError(f"optimizer.milestones is empty: {self.optimizer.name} reaches exactly-zero groups only in "
                              "a final stage, which starts at the last milestone and ramps the momentum to 1; set e.g. "
                              f"milestones: [{max(1, self.schedule.epochs - 1)}] (the last epoch is the final stage)")
+        return self
+
+    @model_validator(mode="after")
+    def _target_has_lam(self) -> Config:
+        if self.compress.target is None:
+            return self
+        if self.optimizer.name not in ("ramda", "rmda", "proxgen", "proxsgd"):
+            raise ValueError(f"compress.target needs a structkit solver (ramda, rmda, proxgen, proxsgd) to adapt lam; "
+                             f"optimizer.name is {self.optimizer.name}")
+        lasso = [r for r in self.structure if r.regularizer in (None, "group_lasso") and r.kind in ("channels", "heads")]
+        if not lasso or not all((r.lam or 0) > 0 for r in lasso):
+            raise ValueError("compress.target adapts the lam of channels/heads rules (group lasso), starting from their "
+                             "lam: declare at least one such rule, each with lam > 0 (e.g. lam: 1.0e-4)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -613,6 +662,8 @@ def training_view(data: dict[str, Any]) -> dict[str, Any]:
         part = view.get(section)
         if isinstance(part, dict) and key in part and ignore(part[key]):
             view[section] = {k: v for k, v in part.items() if k != key}
+    if not (view.get("compress") or {}).get("target"):  # without a target the section changes nothing in training
+        view.pop("compress", None)
     return view
 
 

@@ -173,6 +173,35 @@ class StructuredOptimizer(Optimizer):
             state["dual_warm"] = info.dual_warm
         return y, info
 
+    # ---- the structure the solver is heading for ----
+    @torch.no_grad()
+    def identified_zeros(self) -> list[torch.Tensor | None]:
+        """Per param group, a boolean per group (layout order, on the group's device): True where the point the
+        solver moves the iterate to is exactly zero in that group; None for unregularized param groups.
+
+        For proximal solvers (ProxSGD, ProxGen) that point is the iterate itself. The dual-averaging solvers
+        (RAMDA, RMDA) override it with the subproblem's solution at the current dual state, found by the
+        regularizer's exact screening rule (zero iff ``||d z||_g <= tau w_g`` for the group lasso), which is
+        nonzero only while the averaging momentum is below 1: this is the structure the run is identifying,
+        long before the iterate reaches it. One pass over the state; meant for occasional checks (e.g. the
+        ``compress.target`` controller), not every step."""
+        out: list[torch.Tensor | None] = []
+        for group in self.param_groups:
+            reg = get_regularizer(group["regularizer"])
+            if not group["params"] or reg.name == "none":
+                out.append(None)
+                continue
+            layout = self._layout(group)
+            flags = self._zero_target(group, self._flat_state(group), layout, reg)
+            if flags is None:
+                flags = layout.max(layout.flatten(group["params"]).abs()) == 0
+            out.append(flags)
+        return out
+
+    def _zero_target(self, group, state, layout, reg) -> torch.Tensor | None:
+        """Zero flags of the subproblem's solution, if the solver has a separate one (None: the iterate's)."""
+        return None
+
     # ---- stage-wise restarts ----
     @torch.no_grad()
     def restart(self, factor: float = 0.1, momentum_ramp: bool = False, ramp_steps: int | None = None) -> None:

@@ -30,3 +30,11 @@ class RMDA(DualAveragingOptimizer):
         w_tilde = torch.add(state["W0"], state["V"], alpha=-1 / beta, out=self._buffer(group, "w", state["V"]))
         reg.prox_(w_tilde, state["alpha"] * group["lam"] / beta, layout)
         self._average(group, params, w_tilde, layout, t)
+
+    def _zero_target(self, group, state, layout, reg):
+        """Zero groups of ``W_tilde`` at the current dual state (the regularizer's exact screening rule)."""
+        if "V" not in state or state["alpha"] * group["lam"] == 0:
+            return None
+        beta = math.sqrt(state["step"])
+        z = torch.add(state["W0"], state["V"], alpha=-1 / beta)
+        return reg.screen(z, torch.ones_like(z), state["alpha"] * group["lam"] / beta, layout)

@@ -234,22 +234,46 @@ class GroupSet:
     def _by_block(self, flags: list[torch.Tensor]) -> list[tuple[Block, torch.Tensor]]:
         return [(block, f[first:first + block.num_groups]) for g, f in zip(self._groups, flags) for block, first in g.blocks]
 
+    def rms(self) -> torch.Tensor:
+        """Root mean square of every group's regularized entries (float64, CPU, global order): the group norm
+        over its weight ``sqrt(size)`` in the group lasso, so groups of different sizes compare; 0 exactly for
+        zero groups."""
+        parts = [layout.norms(flat.double()) / layout.weights.double() for flat, layout in
+                 (self._flat(g) for g in self._groups)]
+        return torch.cat([p.cpu() for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def solver_zero_flags(self, solver) -> torch.Tensor:
+        """Global zero flags (bool, CPU) of the structure ``solver`` is heading for
+        (:meth:`~structkit.solvers.base.StructuredOptimizer.identified_zeros`); ``solver`` must have been built on
+        :meth:`param_groups` of this set (the first param groups are this set's, in order)."""
+        flags = solver.identified_zeros()
+        if len(solver.param_groups) < len(self._groups):
+            raise ValueError(f"the solver has {len(solver.param_groups)} param groups, this GroupSet "
+                             f"{len(self._groups)}; build the solver on groupset.param_groups().")
+        out = []
+        for g, pg, f in zip(self._groups, solver.param_groups, flags):
+            if len(pg["params"]) != len(g.names):
+                raise ValueError("the solver's param groups are not this GroupSet's (different tensors); build the "
+                                 "solver on groupset.param_groups().")
+            out.append(torch.zeros(g.num_groups, dtype=torch.bool) if f is None else f.cpu())
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
     @torch.no_grad()
-    def zero_(self, indices) -> GroupSet:
-        """Set every regularized entry of the given groups (global ids) to exactly zero, in place."""
+    def zero_(self, indices, model: nn.Module | None = None) -> GroupSet:
+        """Set every regularized entry of the given groups (global ids) to exactly zero, in place, in ``model``
+        (default: the one this set was built on; or an unpruned copy of it)."""
         idx = torch.as_tensor(indices, dtype=torch.long).flatten()
         if idx.numel() and (idx.min() < 0 or idx.max() >= self._len):
             raise IndexError(f"group ids must lie in [0, {self._len}); got range [{int(idx.min())}, {int(idx.max())}].")
         chosen = torch.zeros(self._len, dtype=torch.bool)
         chosen[idx] = True
         start = 0
-        params = dict(self.model.named_parameters())
         for g in self._groups:
             mask = chosen[start:start + g.num_groups]
             start += g.num_groups
             if not mask.any():
                 continue
-            tensors = [params[n] for n in g.names]
+            tensors = self._tensors(g, model)
             layout = g.layout(tensors)
             entries = layout.expand(mask.to(layout.device)) if layout.ids is not None else mask.to(layout.device)
             for p, m in zip(tensors, layout.split(entries)):

@@ -1,0 +1,211 @@
+r"""Compress to a target: ``compress.target`` asks for a model of a given cost -- MACs, parameters or ONNX Runtime
+latency as a ratio ``r*`` of the dense model's -- and the run finds the regularization strength itself.
+
+**During training** :class:`LamController` adapts lam. Every ``check_every`` solver steps it reads the structure
+the solver is identifying, :meth:`StructuredOptimizer.identified_zeros` (for RAMDA and RMDA the zero groups of the
+subproblem's solution at the current dual state; for ProxGen and ProxSGD the iterate's), measures the exact cost
+ratio ``r`` of the model with those groups removed (:func:`removal_cost`: a CPU copy pruned by the same
+dependency-graph pruner and ``round_to`` as the final model, counted by torch-pruning), and multiplies the lam of
+every group-lasso param group by
+
+.. math::  f = \mathrm{clip}\big(r / r^*,\ 2/3,\ 3/2\big)
+
+when ``r > r*`` (not sparse enough) or ``r < (1 - tolerance) r*`` (too sparse); otherwise lam stays. Dual
+averaging recomputes its solution from the whole dual state every step, so a group zeroed by too large a lam
+comes back when lam drops: the controller can correct an overshoot. (For latency targets the controller steers
+the MACs ratio, a proxy; the final selection measures latency.) lam lives in the solver's param groups, so it is
+saved with the optimizer state and a resumed run continues with the adapted value.
+
+**After training** :func:`select_groups` removes exactly the groups needed: the groups in order of their RMS
+(:meth:`GroupSet.rms`; the exact zeros first; the largest group of each block never, so no layer is cut), and the
+fewest ``k`` of them whose removal meets the target,
+found by bisection on ``k`` (the cost does not increase with ``k``). Groups beyond the exact zeros are set to
+zero in the trained model (a projection, reported as such); the pruner then removes them exactly, verified
+against the projected model, and the fine-tune stage (``finetune.epochs``) recovers what the projection cost.
+If the identified zeros alone already remove more than asked, nothing is added and the report says how far
+below the target the model is.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LamController", "Selection", "removal_cost", "select_groups", "target_summary"]
+
+MAX_FACTOR = 1.5  # the most lam changes in one check (either way): the group-lasso solution is continuous in lam,
+                  # so small steps move the iterate little even once the momentum has reached 1
+
+
+@dataclass
+class Removal:
+    """What removing a set of groups leaves: counts before and after (torch-pruning's count, after round_to)."""
+    macs_before: float
+    macs_after: float
+    params_before: int
+    params_after: int
+
+    def ratio(self, metric: str) -> float:
+        if metric == "params":
+            return self.params_after / self.params_before
+        return self.macs_after / self.macs_before
+
+
+def removal_cost(model: nn.Module, groupset, example_inputs: Any, ids, *, round_to: int | None) -> tuple[nn.Module, Removal]:
+    """Prune a CPU copy of ``model`` with groups ``ids`` (global ids) set to zero, besides its exact zeros; return
+    the slim copy and its counts. ``model`` is not changed."""
+    from .prune import prune
+
+    probe = copy.deepcopy(model).cpu().eval()
+    groupset.zero_(ids, model=probe)
+    slim, report = prune(probe, groupset, example_inputs, round_to=round_to, inplace=True)
+    return slim, Removal(report.macs_before, report.macs_after, report.params_before, report.params_after)
+
+
+class LamController:
+    """Adapts the lam of every group-lasso param group of ``solver`` until the structure it identifies meets
+    ``target`` (module docstring). Call :meth:`after_step` after every solver step."""
+
+    def __init__(self, solver, groupset, model: nn.Module, example_inputs: Any, *, metric: str, target: float,
+                 tolerance: float, check_every: int, round_to: int | None):
+        if metric not in ("macs", "params", "latency"):
+            raise ValueError(f"metric must be macs, params or latency; got {metric!r}")
+        self.solver, self.groupset, self.model = solver, groupset, model
+        self.example_inputs = example_inputs
+        self.metric = "macs" if metric == "latency" else metric  # latency: MACs steer training (a proxy)
+        self.target, self.tolerance = float(target), float(tolerance)
+        self.check_every, self.round_to = int(check_every), round_to
+        self.groups = [g for g in solver.param_groups if g.get("regularizer") == "group_lasso"]
+        if not self.groups:
+            raise ValueError("compress.target adapts the lam of group-lasso groups (kinds channels and heads), and "
+                             "the structure rules declare none. Add a channels or heads rule.")
+        self.last: dict[str, Any] = {}
+
+    def after_step(self, step: int) -> None:
+        if step % self.check_every == 0:
+            self.check()
+
+    @torch.no_grad()
+    def check(self) -> dict[str, Any]:
+        """Measure the identified structure's cost ratio and update lam; returns what it saw and did."""
+        flags = self.groupset.solver_zero_flags(self.solver)
+        _, removal = removal_cost(self.model, self.groupset, self.example_inputs, flags.nonzero().flatten(),
+                                  round_to=self.round_to)
+        ratio = removal.ratio(self.metric)
+        factor = 1.0
+        if ratio > self.target or ratio < (1 - self.tolerance) * self.target:
+            factor = min(max(ratio / self.target, 1 / MAX_FACTOR), MAX_FACTOR)
+            for group in self.groups:
+                group["lam"] *= factor
+        self.last = {"identified_ratio": ratio, "identified_zero_groups": int(flags.sum()), "lam_factor": factor,
+                     "lam": self.groups[0]["lam"]}
+        return self.last
+
+
+@dataclass
+class Selection:
+    """The groups :func:`select_groups` removes and what that reaches."""
+    metric: str
+    target: float
+    reached: float
+    exact_zero_groups: int
+    added_groups: int
+    added_max_rms: float
+    within_tolerance: bool
+    note: str = ""
+    added_ids: list[int] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("added_ids")
+        return out
+
+
+def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: str, target: float, tolerance: float,
+                  round_to: int | None, latency: Callable[[nn.Module, nn.Module], float] | None = None) -> Selection:
+    """The fewest groups, in RMS order (exact zeros first), whose removal meets ``target`` (module docstring).
+    ``latency(dense, slim)`` measures the latency ratio for ``metric="latency"``. Changes nothing."""
+    rms = groupset.rms()
+    n_zero = int((rms == 0).sum())
+    # the largest group of every block is never added: removing all of a layer's channels (or heads) cuts the
+    # network; it goes last in the order, after every other candidate
+    protected = torch.zeros(len(rms), dtype=torch.bool)
+    for block in groupset.blocks:
+        ids = groupset.groups_of(block)
+        protected[ids[rms[ids].argmax()]] = True
+    order = torch.argsort(torch.where(protected & (rms > 0), math.inf, rms), stable=True)
+    candidates = len(rms) - int((protected & (rms > 0)).sum())
+    dense = copy.deepcopy(model).cpu().eval()
+
+    def reached(k: int) -> float:
+        slim, removal = removal_cost(model, groupset, example_inputs, order[:k], round_to=round_to)
+        return latency(dense, slim) if metric == "latency" else removal.ratio(metric)
+
+    lo, r_lo = n_zero, reached(n_zero)
+    note = ""
+    if r_lo <= target:
+        k, r = lo, r_lo
+        if r < (1 - tolerance) * target:
+            note = (f"the exactly-zero groups alone reach {r:.3f} < {target:.3f}: training removed more than asked "
+                    "(the controller overshot; more steps after the final milestone, or more checks per epoch, "
+                    "let it settle)")
+    else:
+        hi, r_hi = candidates, reached(candidates)
+        if r_hi > target:
+            k, r = hi, r_hi
+            note = (f"removing every group but the largest of each layer reaches only {r:.3f} > {target:.3f}: the "
+                    "declared structure cannot reach the target (declare more layers, or aim higher)")
+        else:
+            while hi - lo > 1:  # invariant: reached(lo) > target >= reached(hi)
+                mid = (lo + hi) // 2
+                r_mid = reached(mid)
+                if r_mid <= target:
+                    hi, r_hi = mid, r_mid
+                else:
+                    lo = mid
+            k, r = hi, r_hi
+            if r < (1 - tolerance) * target:
+                note = (f"the nearest removable step reaches {r:.3f}, more than {tolerance:.0%} below "
+                        f"{target:.3f} (round_to={round_to} moves widths in steps; a smaller round_to is finer)")
+    added = order[n_zero:k]
+    return Selection(metric=metric, target=target, reached=r, exact_zero_groups=n_zero, added_groups=len(added),
+                     added_max_rms=float(rms[added].max()) if len(added) else 0.0,
+                     within_tolerance=abs(r / target - 1) <= tolerance, note=note,
+                     added_ids=[int(i) for i in added])
+
+
+def ort_latency_ratio(batch: int, example_inputs: torch.Tensor, *, threads: int = 2, warmup: int = 5,
+                      runs: int = 30) -> Callable[[nn.Module, nn.Module], float]:
+    """A ``latency(dense, slim)`` for :func:`select_groups`: both exported to ONNX in a temporary folder and timed
+    interleaved in ONNX Runtime at ``batch`` (median slim / median dense)."""
+    from .deploy import export_onnx, measure_latency
+
+    def latency(dense: nn.Module, slim: nn.Module) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {}
+            for name, m in (("dense", dense), ("slim", slim)):
+                paths[name] = Path(tmp) / f"{name}.onnx"
+                export_onnx(m, example_inputs[:1], paths[name])
+            x = example_inputs[:1].numpy()
+            reps = math.ceil(batch / x.shape[0])
+            feed = x.repeat(reps, axis=0)[:batch]
+            result = measure_latency(paths, lambda b: {"input": feed}, [batch], threads=threads, warmup=warmup,
+                                     runs=runs, graph_optimization="all")[str(batch)]
+            return result["slim_p50_ms"] / result["dense_p50_ms"]
+
+    return latency
+
+
+def target_summary(selection: Selection) -> str:
+    """One line for logs and the report."""
+    line = (f"target {selection.metric} {selection.target:.3f}, reached {selection.reached:.3f} "
+            f"({selection.exact_zero_groups} exactly-zero groups, {selection.added_groups} more removed, largest "
+            f"RMS removed {selection.added_max_rms:.3g})")
+    return line + (f"; {selection.note}" if selection.note else "")

@@ -1,0 +1,222 @@
+"""compress.target: the solvers' identified structure, the lam controller, and the final group selection."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import structkit
+from structkit import target as target_mod
+from structkit.config import validate
+from structkit.layout import GroupLayout
+from structkit.regularizers import get_regularizer
+from structkit.solvers import RAMDA, RMDA, ProxGen
+from structkit.target import LamController, Removal, removal_cost, select_groups
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                         nn.Conv2d(24, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 5))
+
+
+def _groups(model, lam=1e-3):
+    x = torch.randn(4, 3, 8, 8)
+    return structkit.group_parameters(model, x, [{"select": "*", "types": ["Conv2d"], "kind": "channels",
+                                                  "lam": lam}]), x
+
+
+def _train(model, solver, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(16, 3, 8, 8, generator=gen)
+        y = torch.randint(0, 5, (16,), generator=gen)
+        solver.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        solver.step()
+
+
+@pytest.mark.parametrize("solver_cls, lam", [(RAMDA, 3e-3), (RMDA, 0.1)])
+def test_identified_zeros_are_the_subproblem_solutions_zeros(solver_cls, lam):
+    """For the dual-averaging solvers the identified structure is the zero set of the subproblem's exact solution
+    (float64 reference: RAMDA's diagonal-metric prox by the regularizer's own exact solver, RMDA's closed form),
+    long before the iterate itself has any zero (momentum 0.1)."""
+    model = _cnn()
+    gs, _ = _groups(model, lam=lam)
+    solver = solver_cls(gs.param_groups(), lr=0.1 if solver_cls is RMDA else 1e-2, momentum=0.1)
+    _train(model, solver, 30)
+    flags = solver.identified_zeros()
+    group = solver.param_groups[0]
+    state = solver.state[group["params"][0]]
+    layout = solver.group_layout(0)
+    lay64 = GroupLayout([p.shape for p in group["params"]], list(group["group_index"]), dtype=torch.float64)
+    reg = get_regularizer("group_lasso")
+    W0, V = state["W0"].double(), state["V"].double()
+    tau = state["alpha"] * group["lam"]
+    if solver_cls is RAMDA:
+        P = state["U"].double().pow(1 / 3) + group["eps"]
+        y = reg.prox_diag(W0 - V / P, P, tau, lay64)
+    else:
+        beta = state["step"] ** 0.5
+        y = reg.prox(W0 - V / beta, tau / beta, lay64)
+    reference = lay64.norms(y) == 0
+    assert reference.any() and not reference.all(), "the test needs some zero and some nonzero groups"
+    assert torch.equal(flags[0].cpu(), reference)
+    assert flags[-1] is None  # the unregularized rest
+    iterate_zeros = layout.max(layout.flatten(group["params"]).abs()) == 0
+    assert not iterate_zeros.any(), "with momentum 0.1 the iterate has no exact zero yet"
+    # the GroupSet's global view is the same flags
+    assert torch.equal(gs.solver_zero_flags(solver), reference)
+
+
+def test_identified_zeros_of_a_proximal_solver_are_the_iterates():
+    model = _cnn()
+    gs, _ = _groups(model, lam=5e-3)
+    solver = ProxGen(gs.param_groups(), lr=1e-2)
+    _train(model, solver, 20)
+    flags = gs.solver_zero_flags(solver)
+    assert flags.any() and not flags.all()
+    assert torch.equal(flags, gs.rms() == 0)
+
+
+def test_solver_zero_flags_refuses_another_solver():
+    model = _cnn()
+    gs, _ = _groups(model)
+    other = RAMDA([{"params": list(model.parameters())}])
+    with pytest.raises(ValueError, match="param_groups"):
+        gs.solver_zero_flags(other)
+
+
+def test_rms_is_norm_over_sqrt_size():
+    model = _cnn()
+    gs, _ = _groups(model)
+    conv = model[0]
+    gs_rms = gs.rms()
+    ids = gs.groups_of(gs.blocks[0])
+    # first block: conv0's filters with their BatchNorm entries (weight, bias) and the conv bias
+    entries = torch.cat([conv.weight.detach().flatten(1), conv.bias.detach()[:, None],
+                         model[1].weight.detach()[:, None], model[1].bias.detach()[:, None]], 1).double()
+    assert torch.allclose(gs_rms[ids], entries.pow(2).mean(1).sqrt(), rtol=1e-12)
+
+
+def test_removal_cost_counts_a_pruned_copy_and_leaves_the_model():
+    model = _cnn()
+    gs, x = _groups(model)
+    before = copy.deepcopy(model.state_dict())
+    ids = gs.groups_of(gs.blocks[1])[:12]  # half of the second conv's filters
+    slim, removal = removal_cost(model, gs, x, ids, round_to=None)
+    assert slim[3].out_channels == 12 and slim[6].in_channels == 12
+    assert removal.params_after < removal.params_before and removal.macs_after < removal.macs_before
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "the model must not change"
+
+
+def test_select_groups_takes_the_fewest_smallest_groups_that_meet_the_target():
+    model = _cnn()
+    gs, x = _groups(model)
+    gs.zero_(gs.groups_of(gs.blocks[2])[:4])  # four exact zeros: always removed first
+    sel = select_groups(model, gs, x, metric="macs", target=0.6, tolerance=0.05, round_to=None)
+    assert sel.exact_zero_groups == 4
+    assert sel.reached <= 0.6
+    rms = gs.rms()
+    chosen = torch.tensor(sel.added_ids)
+    others = torch.tensor([i for i in range(len(gs)) if i not in set(sel.added_ids) and rms[i] > 0])
+    # brute force: one group fewer misses the target (minimality of k)
+    _, fewer = removal_cost(model, gs, x, torch.cat([torch.nonzero(rms == 0).flatten(), chosen[:-1]]), round_to=None)
+    assert fewer.ratio("macs") > 0.6
+    # the added groups are the smallest nonzero ones, except each block's largest, which is never taken
+    largest = {int(gs.groups_of(b)[rms[gs.groups_of(b)].argmax()]) for b in gs.blocks}
+    assert not largest & set(sel.added_ids)
+    rest = torch.tensor([i for i in others.tolist() if i not in largest])
+    assert rms[chosen].max() <= rms[rest].min()
+    assert sel.within_tolerance == (abs(sel.reached / 0.6 - 1) <= 0.05)
+
+
+def test_select_groups_reports_an_overshoot_and_an_unreachable_target():
+    model = _cnn()
+    gs, x = _groups(model)
+    for block in gs.blocks:  # all but two filters of every conv are exactly zero
+        gs.zero_(gs.groups_of(block)[2:])
+    sel = select_groups(model, gs, x, metric="params", target=0.9, tolerance=0.05, round_to=None)
+    assert sel.added_groups == 0 and sel.reached < 0.5 and not sel.within_tolerance
+    assert "removed more than asked" in sel.note
+    model2 = _cnn()
+    gs2, x2 = _groups(model2)
+    sel2 = select_groups(model2, gs2, x2, metric="macs", target=1e-4, tolerance=0.05, round_to=None)
+    assert sel2.reached > 1e-4 and "cannot reach the target" in sel2.note
+
+
+class _Groups:
+    """A stand-in GroupSet whose identified structure is whatever the test says."""
+
+    def __init__(self, flags):
+        self.flags = flags
+
+    def solver_zero_flags(self, solver):
+        return self.flags
+
+
+def test_controller_raises_holds_and_lowers_lam(monkeypatch):
+    model = _cnn()
+    gs, x = _groups(model, lam=1e-3)
+    solver = RAMDA(gs.param_groups(), lr=1e-2, momentum=0.1)
+    ratios = iter([1.0, 0.62, 0.59, 0.3])
+    monkeypatch.setattr(target_mod, "removal_cost",
+                        lambda *a, **k: (None, Removal(100.0, 100.0 * next(ratios), 10, 10)))
+    ctl = LamController(solver, _Groups(torch.zeros(len(gs), dtype=torch.bool)), model, x, metric="macs",
+                        target=0.6, tolerance=0.05, check_every=3, round_to=None)
+    lam = lambda: solver.param_groups[0]["lam"]  # noqa: E731
+    ctl.after_step(1)  # not a check step
+    assert lam() == 1e-3
+    ctl.after_step(3)  # ratio 1.0 > 0.6: capped increase x1.5
+    assert lam() == pytest.approx(1.5e-3)
+    ctl.check()        # 0.62: above the target, x 0.62/0.6
+    assert lam() == pytest.approx(1.5e-3 * 0.62 / 0.6)
+    held = lam()
+    ctl.check()        # 0.59: within [0.57, 0.6]: unchanged
+    assert lam() == held and ctl.last["lam_factor"] == 1.0
+    ctl.check()        # 0.3: too sparse, capped decrease x 2/3
+    assert lam() == pytest.approx(held / 1.5)
+    assert solver.param_groups[-1].get("regularizer", "none") == "none"  # the rest group has no lam to adapt
+
+
+def test_controller_needs_group_lasso():
+    model = _cnn()
+    solver = RAMDA([{"params": list(model.parameters()), "regularizer": "l1", "lam": 1e-3}])
+    with pytest.raises(ValueError, match="channels or heads rule"):
+        LamController(solver, None, model, None, metric="macs", target=0.5, tolerance=0.05, check_every=1,
+                      round_to=None)
+
+
+def _config(**compress):
+    return {"model": {"name": "mlp", "options": {"widths": [32]}}, "data": {"name": "digits"},
+            "optimizer": {"name": "ramda", "milestones": [1]}, "schedule": {"epochs": 2},
+            "structure": [{"select": "*", "types": ["Linear"], "kind": "channels", "lam": 1e-4}],
+            "compress": compress}
+
+
+def test_config_target_validation():
+    cfg = validate(_config(target={"macs": 0.5}))
+    assert cfg.compress.target.metric == "macs" and cfg.compress.target.ratio == 0.5
+    for bad, message in [({"target": {"macs": 0.5, "params": 0.5}}, "exactly one"),
+                         ({"target": {"macs": 1.2}}, "less than 1"), ({"target": {}}, "exactly one"),
+                         ({"target": {"latency": 0.5, "batch": 0}}, "greater than or equal to 1"),
+                         ({"target": {"macs": 0.5}, "tolerance": 0}, "greater than 0")]:
+        with pytest.raises(ValueError, match=message):
+            validate(_config(**bad))
+    no_lam = _config(target={"params": 0.5})
+    no_lam["structure"][0]["lam"] = 0.0
+    with pytest.raises(ValueError, match="lam > 0"):
+        validate(no_lam)
+    adamw = _config(target={"params": 0.5})
+    adamw["optimizer"] = {"name": "adamw"}
+    with pytest.raises(ValueError, match="structkit solver"):
+        validate(adamw)
+
+
+def test_training_hash_ignores_an_unset_compress_section():
+    from structkit.config import training_hash
+    plain = validate({k: v for k, v in _config().items() if k != "compress"})
+    assert training_hash(validate(_config())) == training_hash(plain)
+    assert training_hash(validate(_config(target={"macs": 0.5}))) != training_hash(plain)
