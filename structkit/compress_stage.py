@@ -13,6 +13,7 @@ from torch import nn
 from .config import Config, training_hash
 from .run_folder import RunFolder, open_stage, say_cpu, write_report
 from .setup import Log, Setup, recalibration_batches, trained_setup
+from .target import selection_for, target_summary
 from .train_stage import sparsity_summary
 from .training import evaluate, recalibrate_batchnorm
 
@@ -38,6 +39,14 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
     model = setup.model
     recalibrate_batchnorm(model, recalibration_batches(setup), s.precision)
     trained = evaluate(model, test_loader, s.precision)
+    selection = projected = None
+    if config.compress.target is not None:  # remove exactly the groups the target needs (structkit/target.py)
+        selection = selection_for(config, setup)
+        log(f"compress.target: {target_summary(selection)}")
+        if selection.added_ids:  # a projection: these groups are set to zero in the trained model
+            setup.groupset.zero_(selection.added_ids)
+            recalibrate_batchnorm(model, recalibration_batches(setup), s.precision)
+            projected = evaluate(model, test_loader, s.precision)
     metrics = setup.groupset.metrics()
     slim, report = prune(model, setup.groupset, setup.verify_inputs, round_to=config.prune.round_to,
                          verify_tol=config.prune.verify_tol)
@@ -52,6 +61,10 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
               "loss": {"trained": trained["loss"], "slim": slim_eval["loss"]},
               "sparsity": sparsity_summary(metrics), "layers": metrics["layers"], "prune": report.to_dict(),
               "seconds": time.perf_counter() - t0}
+    if selection is not None:  # "projected": the trained model with the added groups zeroed, which slim_pruned equals
+        result["target"] = selection.to_dict()
+        if projected is not None:
+            result["accuracy"]["projected"] = projected["accuracy"]
     if finetune_record is not None:  # "slim" is the shipped (fine-tuned) model; "slim_pruned" the verified one
         result["accuracy"]["slim_pruned"] = pruned_eval["accuracy"]
         result["loss"]["slim_pruned"] = pruned_eval["loss"]

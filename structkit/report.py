@@ -41,8 +41,10 @@ def build_report(folder) -> dict[str, Any]:
         if final else None)
     return {
         "accuracy": {"trained": _get(comp, "accuracy", "trained"), "slim": _get(comp, "accuracy", "slim"),
-                     "slim_pruned": _get(comp, "accuracy", "slim_pruned"), "val_final": final.get("val_accuracy")},
+                     "slim_pruned": _get(comp, "accuracy", "slim_pruned"), "projected": _get(comp, "accuracy", "projected"),
+                     "val_final": final.get("val_accuracy")},
         "finetune": {k: v for k, v in ((comp or {}).get("finetune") or {}).items() if k != "history"} or None,
+        "target": (comp or {}).get("target"),
         "sparsity": sparsity,
         "params": {"before": prune.get("params_before"), "after": prune.get("params_after")},
         "macs": {"before": prune.get("macs_before"), "after": prune.get("macs_after")},
@@ -129,6 +131,15 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
     lines += ["", f"Weighted group sparsity {_num(sp.get('weighted_group_sparsity'), '{:.4f}')}; "
                   f"{_num(sp.get('zero_groups'))} of {_num(sp.get('num_groups'))} groups exactly zero; "
                   f"validation accuracy after the last epoch {_num(acc.get('val_final'), '{:.4f}')}.", ""]
+    if report.get("target"):
+        t = report["target"]
+        lines += [f"Target: {t['metric']} ratio {t['target']:.3f} of the dense model; reached **{t['reached']:.3f}** "
+                  f"({'within' if t['within_tolerance'] else 'NOT within'} tolerance). {t['exact_zero_groups']} groups "
+                  f"were exactly zero after training; {t['added_groups']} more were removed (largest RMS "
+                  f"{t['added_max_rms']:.3g})" + (f", which changed the test accuracy from "
+                  f"{_num(acc.get('trained'), '{:.4f}')} to {_num(acc.get('projected'), '{:.4f}')} before "
+                  "fine-tuning" if acc.get("projected") is not None else "") + "."
+                  + (f" Note: {t['note']}." if t.get("note") else ""), ""]
     if report.get("finetune"):
         ft = report["finetune"]
         lines += [f"The slim model was fine-tuned for {ft['epochs']} epoch(s)"

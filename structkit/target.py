@@ -38,7 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LamController", "Selection", "removal_cost", "select_groups", "target_summary"]
+__all__ = ["LamController", "Selection", "controller_for", "removal_cost", "select_groups", "selection_for",
+           "target_summary"]
 
 MAX_FACTOR = 1.5  # the most lam changes in one check (either way): the group-lasso solution is continuous in lam,
                   # so small steps move the iterate little even once the momentum has reached 1
@@ -209,3 +210,24 @@ def target_summary(selection: Selection) -> str:
             f"({selection.exact_zero_groups} exactly-zero groups, {selection.added_groups} more removed, largest "
             f"RMS removed {selection.added_max_rms:.3g})")
     return line + (f"; {selection.note}" if selection.note else "")
+
+
+def controller_for(config, solver, setup, steps_per_epoch: int) -> LamController | None:
+    """The run's :class:`LamController` (None without ``compress.target``): ``compress.checks_per_epoch`` checks
+    per epoch, on two of the set-up's example inputs."""
+    c = config.compress
+    if c.target is None:
+        return None
+    return LamController(solver, setup.groupset, setup.model, setup.example_inputs[:2], metric=c.target.metric,
+                         target=c.target.ratio, tolerance=c.tolerance, round_to=config.prune.round_to,
+                         check_every=max(1, steps_per_epoch // c.checks_per_epoch))
+
+
+def selection_for(config, setup) -> Selection:
+    """:func:`select_groups` for the run's target, on its trained model (ORT at ``target.batch`` with
+    ``deploy.threads`` for a latency target)."""
+    t = config.compress.target
+    latency = ort_latency_ratio(t.batch, setup.example_inputs, threads=config.deploy.threads) \
+        if t.metric == "latency" else None
+    return select_groups(setup.model, setup.groupset, setup.example_inputs[:2], metric=t.metric, target=t.ratio,
+                         tolerance=config.compress.tolerance, round_to=config.prune.round_to, latency=latency)

@@ -23,6 +23,7 @@ from . import distributed
 from .device import describe as describe_device, resolve as resolve_device
 from .run_folder import RunFolder, checkpoint_to_resume, save_checkpoint, set_rng_state, write_metrics, write_report
 from .setup import Log, Setup, build, make_solver, recalibration_batches, seed_everything
+from .target import controller_for
 from .training import NonFiniteError, evaluate, recalibrate_batchnorm, train_epoch
 
 __all__ = ["train", "train_keeping_setup", "sparsity_summary"]
@@ -80,6 +81,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
         log(f"distributed: {distributed.world_size()} processes ({torch.distributed.get_backend()}), global batch "
             f"{s.batch_size}")
     solver, scheduler = make_solver(config, groupset, steps_per_epoch=len(train_loader))
+    controller = controller_for(config, solver, setup, len(train_loader))  # compress.target: adapts lam
     recal = recalibration_batches(setup, device)  # in-memory data: moved once, reused
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
@@ -110,6 +112,8 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
 
         def on_step(step: int, loss: float) -> None:
             bar.update(1)
+            if controller is not None:
+                controller.after_step(step)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
@@ -135,6 +139,8 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
                       "pg_solves": stats.get("pg_solves"), "screened_fraction": stats.get("screened_fraction"),
                       "kept": {name: e["kept"] for name, e in metrics["layers"].items()},
                       "epoch_seconds": seconds}
+            if controller is not None:  # the last check of the epoch: the identified structure's cost and lam
+                record["target"] = dict(controller.last)
             history.append(record)
             train_seconds += seconds
             if main:
