@@ -109,10 +109,10 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _known_options(self) -> ModelConfig:
         from . import zoo
-        from .models import _MODELS
+        from .models import list_models, model_builder
         given_by = {"input_shape": "the data set", "num_classes": "the data set", "init": "model.init"}
-        if self.name in _MODELS:
-            _check_options(_MODELS[self.name], self.options, "model", given_by)
+        if self.name in list_models():
+            _check_options(model_builder(self.name), self.options, "model", given_by)
         elif zoo.is_timm(self.name):  # timm.create_model takes **kwargs: only the keys structkit sets are checked
             _check_options(zoo.require_timm().create_model, self.options, "model",
                            {**zoo.TIMM_RESERVED, "init": "model.init"})
@@ -404,6 +404,8 @@ class CompressConfig(_Section):
     tolerance: float = Field(0.05, gt=0, lt=1, description="how far below the target the reached ratio may be")
     checks_per_epoch: int = Field(8, ge=1, description="how often per epoch the lam controller measures the "
                                                        "identified structure and adapts lam")
+    cost_exponent: float = Field(0.5, ge=0, le=2, description="cost-aware lam: each block's lam is scaled by (cost "
+                                 "its groups carry per entry) ** cost_exponent, normalised; 0 = plain group lasso")
 
 
 class DeployConfig(_Section):

@@ -8,7 +8,7 @@ ratio ``r`` of the model with those groups removed (:func:`removal_cost`: a CPU 
 dependency-graph pruner and ``round_to`` as the final model, counted by torch-pruning), and multiplies the lam of
 every group-lasso param group by
 
-.. math::  f = \mathrm{clip}\big(r / r^*,\ 2/3,\ 3/2\big)
+.. math::  f = \mathrm{clip}\big(r / r^*,\ 1/1.15,\ 1.15\big)\quad(\text{up to } 1.5 \text{ while } r = 1)
 
 when ``r > r*`` (not sparse enough) or ``r < (1 - tolerance) r*`` (too sparse); otherwise lam stays. Dual
 averaging recomputes its solution from the whole dual state every step, so a group zeroed by too large a lam
@@ -38,11 +38,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LamController", "Selection", "controller_for", "removal_cost", "select_groups", "selection_for",
-           "target_summary"]
+__all__ = ["LamController", "Selection", "controller_for", "cost_factors", "cost_weighted", "removal_cost",
+           "select_groups", "selection_for", "target_summary"]
 
-MAX_FACTOR = 1.5  # the most lam changes in one check (either way): the group-lasso solution is continuous in lam,
-                  # so small steps move the iterate little even once the momentum has reached 1
+SEARCH_FACTOR = 1.5  # lam's step up while the solver identifies no structure at all (ratio 1: searching)
+MAX_FACTOR = 1.15    # the most lam changes in one check once it does (either way): dual averaging puts the active
+                     # groups near the zero threshold, so the identified structure moves steeply with lam; and the
+                     # group-lasso solution is continuous in lam, so small steps move the iterate little even once
+                     # the momentum has reached 1
 
 
 @dataclass
@@ -68,6 +71,38 @@ def removal_cost(model: nn.Module, groupset, example_inputs: Any, ids, *, round_
     groupset.zero_(ids, model=probe)
     slim, report = prune(probe, groupset, example_inputs, round_to=round_to, inplace=True)
     return slim, Removal(report.macs_before, report.macs_after, report.params_before, report.params_after)
+
+
+def cost_factors(model: nn.Module, groupset, example_inputs: Any, *, metric: str, exponent: float) -> dict[str, float]:
+    """Cost-aware lam: per group-lasso block, ``(c_b / n_b) ** exponent`` normalised to mean 1 over the groups, with
+    ``c_b`` the MACs (parameters for a ``params`` target) that removing one of its groups saves -- its own
+    entries and what they feed, e.g. the next layer's input channel -- and ``n_b`` the regularized entries of a
+    group. The group lasso alone charges a group for its entries (about its parameters); a MACs target wants
+    the channels of high-resolution layers to cost more. Measured once on the architecture (a copy whose exact
+    zeros are filled in, so no other group is removed alongside)."""
+    if exponent == 0:
+        return {}
+    probe = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.masked_fill_(p == 0, 1e-3)
+    sizes = groupset.sizes()
+    per_entry: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for block in groupset.blocks:
+        if block.regularizer != "group_lasso":
+            continue
+        first = groupset.groups_of(block)[:1]
+        _, removal = removal_cost(probe, groupset, example_inputs, first, round_to=None)
+        saved = (removal.params_before - removal.params_after) if metric == "params" else \
+            (removal.macs_before - removal.macs_after)
+        per_entry[block.label] = max(float(saved), 1.0) / float(sizes[first[0]])
+        counts[block.label] = block.num_groups
+    if not per_entry:
+        return {}
+    weighted = {label: value ** exponent for label, value in per_entry.items()}
+    mean = sum(weighted[label] * counts[label] for label in weighted) / sum(counts.values())
+    return {label: value / mean for label, value in weighted.items()}
 
 
 class LamController:
@@ -102,7 +137,8 @@ class LamController:
         ratio = removal.ratio(self.metric)
         factor = 1.0
         if ratio > self.target or ratio < (1 - self.tolerance) * self.target:
-            factor = min(max(ratio / self.target, 1 / MAX_FACTOR), MAX_FACTOR)
+            cap = SEARCH_FACTOR if ratio >= 1 else MAX_FACTOR
+            factor = min(max(ratio / self.target, 1 / cap), cap)
             for group in self.groups:
                 group["lam"] *= factor
         self.last = {"identified_ratio": ratio, "identified_zero_groups": int(flags.sum()), "lam_factor": factor,
@@ -130,10 +166,18 @@ class Selection:
 
 
 def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: str, target: float, tolerance: float,
-                  round_to: int | None, latency: Callable[[nn.Module, nn.Module], float] | None = None) -> Selection:
+                  round_to: int | None, latency: Callable[[nn.Module, nn.Module], float] | None = None,
+                  factors: dict[str, float] | None = None) -> Selection:
     """The fewest groups, in RMS order (exact zeros first), whose removal meets ``target`` (module docstring).
-    ``latency(dense, slim)`` measures the latency ratio for ``metric="latency"``. Changes nothing."""
+    ``latency(dense, slim)`` measures the latency ratio for ``metric="latency"``; ``factors`` (block label -> the
+    block's cost factor, :func:`cost_factors`) divide the RMS, so at equal RMS the costlier group goes first.
+    Changes nothing."""
     rms = groupset.rms()
+    if factors:
+        scale = torch.ones_like(rms)
+        for block in groupset.blocks:
+            scale[groupset.groups_of(block)] = factors.get(block.label, 1.0)
+        rms = rms / scale
     n_zero = int((rms == 0).sum())
     # the largest group of every block is never added: removing all of a layer's channels (or heads) cuts the
     # network; it goes last in the order, after every other candidate
@@ -229,5 +273,20 @@ def selection_for(config, setup) -> Selection:
     t = config.compress.target
     latency = ort_latency_ratio(t.batch, setup.example_inputs, threads=config.deploy.threads) \
         if t.metric == "latency" else None
+    factors = cost_factors(setup.model, setup.groupset, setup.example_inputs[:2], metric=t.metric,
+                           exponent=config.compress.cost_exponent)
     return select_groups(setup.model, setup.groupset, setup.example_inputs[:2], metric=t.metric, target=t.ratio,
-                         tolerance=config.compress.tolerance, round_to=config.prune.round_to, latency=latency)
+                         tolerance=config.compress.tolerance, round_to=config.prune.round_to, latency=latency,
+                         factors=factors)
+
+
+def cost_weighted(config, setup):
+    """``setup.groupset`` with every block's lam scaled by its :func:`cost_factors` (``compress.cost_exponent``),
+    for a run with a target; else unchanged. The factors depend on the architecture only, so a resumed run gets
+    the same param groups."""
+    c = config.compress
+    if c.target is None or c.cost_exponent == 0:
+        return setup.groupset
+    factors = cost_factors(setup.model, setup.groupset, setup.example_inputs[:2], metric=c.target.metric,
+                           exponent=c.cost_exponent)
+    return setup.groupset.with_lam_factors(factors)

@@ -23,7 +23,7 @@ from . import distributed
 from .device import describe as describe_device, resolve as resolve_device
 from .run_folder import RunFolder, checkpoint_to_resume, save_checkpoint, set_rng_state, write_metrics, write_report
 from .setup import Log, Setup, build, make_solver, recalibration_batches, seed_everything
-from .target import controller_for
+from .target import controller_for, cost_weighted
 from .training import NonFiniteError, evaluate, recalibrate_batchnorm, train_epoch
 
 __all__ = ["train", "train_keeping_setup", "sparsity_summary"]
@@ -63,6 +63,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
     if main:
         folder.record_invocation("train", config)
     setup = build(config, load_init=checkpoint is None)  # a resumed run's weights come from its checkpoint
+    setup.groupset = cost_weighted(config, setup)  # compress.target: lam scaled per block by its cost
     model, groupset = setup.model, setup.groupset
     model.to(device)  # in place (the GroupSet keeps its parameters); before the solver, whose state follows them
     from .data import make_loaders

@@ -242,6 +242,19 @@ class GroupSet:
                  (self._flat(g) for g in self._groups)]
         return torch.cat([p.cpu() for p in parts]) if parts else torch.zeros(0, dtype=torch.float64)
 
+    def sizes(self) -> torch.Tensor:
+        """Regularized entries of every group (float64, CPU, global order)."""
+        parts = [g.layout(self._tensors(g, None)).sizes.double().cpu() for g in self._groups]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+    def with_lam_factors(self, factors: dict[str, float]) -> GroupSet:
+        """A new GroupSet over the same model whose blocks (by label) have their lam multiplied by ``factors``
+        (blocks not named keep theirs). Blocks with different lam go to different param groups, so the global
+        group numbering may change; zero flags and pruning do not depend on it."""
+        import dataclasses
+        blocks = [dataclasses.replace(b, lam=b.lam * factors[b.label]) if b.label in factors else b for b in self.blocks]
+        return GroupSet(self.model, blocks, self.skipped)
+
     def solver_zero_flags(self, solver) -> torch.Tensor:
         """Global zero flags (bool, CPU) of the structure ``solver`` is heading for
         (:meth:`~structkit.solvers.base.StructuredOptimizer.identified_zeros`); ``solver`` must have been built on
