@@ -24,7 +24,6 @@ machines have no network; ``docs/configuration.md`` says where the local copies 
 """
 from __future__ import annotations
 
-import difflib
 import gzip
 import zlib
 from collections.abc import Callable, Mapping
@@ -37,29 +36,26 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from . import image_folder as _image_folder
 from ._imports import import_callable
+from .registry import Registry
 from .splits import Splits, check_fraction, as_splits, collate
 
 __all__ = ["Splits", "register_dataset", "get_dataset", "list_datasets", "dataset_loader", "load_dataset",
            "as_splits", "fashion_mnist", "digits", "image_folder", "make_loaders", "collate"]
 
 
-_DATASETS: dict[str, Callable[..., Splits]] = {}
+_DATASETS: Registry[Callable[..., Splits]] = Registry(
+    "data set", how="or 'package.module:callable' for your own (register more with @structkit.data.register_dataset)")
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., Splits]], Callable[..., Splits]]:
-    """Decorator: make ``fn(**options) -> Splits`` available as ``get_dataset(name, **options)``."""
-    def decorator(fn: Callable[..., Splits]) -> Callable[..., Splits]:
-        if name in _DATASETS:
-            raise ValueError(f"a data set named {name!r} is already registered ({_DATASETS[name].__module__}."
-                             f"{_DATASETS[name].__qualname__}); pick another name.")
-        _DATASETS[name] = fn
-        return fn
-    return decorator
+def register_dataset(name: str, *, replace: bool = False) -> Callable[[Callable[..., Splits]], Callable[..., Splits]]:
+    """Decorator: make ``fn(**options) -> Splits`` available as ``get_dataset(name, **options)`` (a taken name is
+    refused unless ``replace``)."""
+    return _DATASETS.register(name, replace=replace)
 
 
 def list_datasets() -> list[str]:
     """Names accepted by :func:`get_dataset`, sorted."""
-    return sorted(_DATASETS)
+    return _DATASETS.names()
 
 
 def get_dataset(name: str, **options) -> Splits:
@@ -71,13 +67,10 @@ def dataset_loader(name: str) -> Callable[..., Any]:
     """The function behind ``name``: the registered loader, or the imported ``"package.module:callable"``.
     Raises ValueError (unknown name, import failure) or TypeError (not callable) with a message that says why."""
     if name in _DATASETS:
-        return _DATASETS[name]
+        return _DATASETS.get(name)
     if ":" in name:
         return import_callable(name, "data set")
-    close = difflib.get_close_matches(name, list_datasets(), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(f"unknown data set {name!r}.{hint} Available: {', '.join(list_datasets())}, or "
-                     f"'package.module:callable' for your own (register more with @structkit.data.register_dataset).")
+    raise ValueError(_DATASETS.unknown(name))
 
 
 def load_dataset(name: str, options: Mapping[str, Any] | None = None, *, val_fraction: float = 0.1,

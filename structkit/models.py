@@ -39,29 +39,30 @@ from torch import nn
 
 from . import zoo
 from ._imports import import_callable
+from .registry import Registry
 
-__all__ = ["register_model", "get_model", "list_models", "MLP", "ConvNet", "BasicBlock", "ResNetSmall",
+__all__ = ["register_model", "get_model", "list_models", "model_builder", "MLP", "ConvNet", "BasicBlock", "ResNetSmall",
            "TransformerBlock", "TinyTransformerLM", "mlp", "mlp7", "cnn", "vgg_small", "resnet_small",
            "tiny_transformer_lm"]
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
+_MODELS: Registry[Callable[..., nn.Module]] = Registry("model", how="register more with @structkit.models.register_model")
 
 
-def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+def register_model(name: str, *, replace: bool = False) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
     """Decorator: make ``fn(*, input_shape, num_classes, **options) -> nn.Module`` available as
-    ``get_model(name, ...)``. The builder should accept (and may ignore) ``input_shape`` and ``num_classes``."""
-    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _MODELS:
-            raise ValueError(f"a model named {name!r} is already registered ({_MODELS[name].__module__}."
-                             f"{_MODELS[name].__qualname__}); pick another name.")
-        _MODELS[name] = fn
-        return fn
-    return decorator
+    ``get_model(name, ...)``. The builder should accept (and may ignore) ``input_shape`` and ``num_classes``.
+    A taken name is refused unless ``replace``."""
+    return _MODELS.register(name, replace=replace)
 
 
 def list_models() -> list[str]:
     """Names of the registered built-in models, sorted (torchvision names and ``module:callable`` also work)."""
-    return sorted(_MODELS)
+    return _MODELS.names()
+
+
+def model_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder registered as ``name`` (a built-in or ``@register_model`` name; raises ValueError otherwise)."""
+    return _MODELS.get(name)
 
 
 def get_model(name: str, *, input_shape: Sequence[int], num_classes: int, init: str | os.PathLike = "random",
@@ -86,7 +87,7 @@ def get_model(name: str, *, input_shape: Sequence[int], num_classes: int, init: 
     if pretrained:
         zoo.pretrained_file(name)  # before building: a model without (cached) pretrained weights fails here
     if name in _MODELS:
-        model = _MODELS[name](input_shape=input_shape, num_classes=num_classes, **options)
+        model = _MODELS.get(name)(input_shape=input_shape, num_classes=num_classes, **options)
     elif zoo.is_timm(name):
         model = zoo.build_timm(name, input_shape, num_classes, options, pretrained=pretrained)
     elif ":" in name:

@@ -285,7 +285,7 @@ class Sabotage(StructureKind):
 
 
 def test_prune_raises_when_the_slim_model_does_not_match(monkeypatch):
-    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    monkeypatch.setattr(kinds, "_KINDS", kinds._KINDS.copy())
     kinds.register_kind("sabotage")(Sabotage)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     weight = model[0].weight.detach().clone()
@@ -379,7 +379,7 @@ class Nudge(Sabotage):
 def test_verification_is_relative_to_the_output_scale_so_small_outputs_do_not_hide_errors(monkeypatch):
     """Outputs of size ~1e-3: a 5e-4 relative error is an absolute 5e-7, which an absolute tolerance of
     1e-4 x max(1, |out|) let through."""
-    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    monkeypatch.setattr(kinds, "_KINDS", kinds._KINDS.copy())
     kinds.register_kind("nudge")(Nudge)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 2, bias=False)).double()
@@ -504,7 +504,7 @@ class Breaker(Sabotage):
 
 
 def test_a_slim_model_that_no_longer_runs_gets_a_structkit_error_first(monkeypatch):
-    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    monkeypatch.setattr(kinds, "_KINDS", kinds._KINDS.copy())
     kinds.register_kind("breaker")(Breaker)
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     x = torch.randn(3, 4)

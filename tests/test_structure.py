@@ -345,7 +345,7 @@ class HiddenUnits(StructureKind):
 
 @pytest.fixture
 def hidden_units_kind(monkeypatch):
-    monkeypatch.setattr(kinds, "_KINDS", dict(kinds._KINDS))
+    monkeypatch.setattr(kinds, "_KINDS", kinds._KINDS.copy())
     kinds.register_kind("hidden_units")(HiddenUnits)
     return "hidden_units"
 

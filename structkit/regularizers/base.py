@@ -11,13 +11,13 @@ per-group tensor of length ``layout.num_groups``.
 """
 from __future__ import annotations
 
-import difflib
 import fnmatch
 from typing import ClassVar, NamedTuple
 
 import torch
 
 from ..layout import GroupLayout
+from ..registry import Registry
 
 
 class Regularizer:
@@ -85,11 +85,13 @@ class DiagSolution(NamedTuple):
     exact: bool = False
 
 
-_REGISTRY: dict[str, type[Regularizer]] = {}
+_REGISTRY: Registry[type[Regularizer]] = Registry(
+    "regularizer", how="add your own with @structkit.regularizers.register_regularizer")
 
 
-def register_regularizer(name: str):
-    """Class decorator: ``@register_regularizer("my_reg")`` makes ``regularizer="my_reg"`` usable by every solver."""
+def register_regularizer(name: str, *, replace: bool = False):
+    """Class decorator: ``@register_regularizer("my_reg")`` makes ``regularizer="my_reg"`` usable by every solver
+    (a taken name is refused unless ``replace``)."""
     if not isinstance(name, str) or not name:
         raise ValueError("register_regularizer needs a non-empty name, e.g. @register_regularizer('my_reg').")
 
@@ -98,8 +100,8 @@ def register_regularizer(name: str):
             raise TypeError(f"@register_regularizer('{name}') must decorate a subclass of structkit.regularizers.Regularizer.")
         if cls.grouping not in ("element", "rows", "tensor"):
             raise ValueError(f"{cls.__name__}.grouping must be 'element', 'rows' or 'tensor', not {cls.grouping!r}.")
+        _REGISTRY.add(name, cls, replace=replace)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorate
@@ -107,7 +109,7 @@ def register_regularizer(name: str):
 
 def list_regularizers(pattern: str = "*") -> list[str]:
     """Registered names matching a shell-style wildcard pattern, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return [n for n in _REGISTRY.names() if fnmatch.fnmatch(n, pattern)]
 
 
 def get_regularizer(spec: str | Regularizer | type[Regularizer] | None) -> Regularizer:
@@ -119,8 +121,5 @@ def get_regularizer(spec: str | Regularizer | type[Regularizer] | None) -> Regul
     if isinstance(spec, type) and issubclass(spec, Regularizer):
         return spec()
     if isinstance(spec, str) and spec in _REGISTRY:
-        return _REGISTRY[spec]()
-    close = difflib.get_close_matches(str(spec), list(_REGISTRY), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"unknown regularizer {spec!r}.{hint} Registered: {', '.join(list_regularizers())}; "
-                     "add your own with @structkit.regularizers.register_regularizer.")
+        return _REGISTRY.get(spec)()
+    raise ValueError(_REGISTRY.unknown(spec))

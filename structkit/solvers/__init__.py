@@ -9,10 +9,9 @@ ignore the structure keys of a param group).
 """
 from __future__ import annotations
 
-import difflib
-
 import torch
 
+from ..registry import Registry
 from .base import StructuredOptimizer
 from .proxgen import ProxGen
 from .proxsgd import ProxSGD
@@ -21,25 +20,31 @@ from .rmda import RMDA
 from .schedule import StageScheduler, final_stage_ramp_steps
 from .subproblem import solve_subproblem
 
-SOLVERS: dict[str, type[torch.optim.Optimizer]] = {
-    "ramda": RAMDA, "rmda": RMDA, "proxsgd": ProxSGD, "proxgen": ProxGen,
-    "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
-}
+SOLVERS: Registry[type[torch.optim.Optimizer]] = Registry("solver")
+for _name, _cls in {"ramda": RAMDA, "rmda": RMDA, "proxsgd": ProxSGD, "proxgen": ProxGen,
+                    "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}.items():
+    SOLVERS.add(_name, _cls)
+del _name, _cls
+
+
+def register_solver(name: str, *, replace: bool = False):
+    """Class decorator: ``@register_solver("my_solver")`` makes ``optimizer.name: my_solver`` usable in a config
+    (names are lower case: :func:`get_solver` is case-insensitive). The class is built as
+    ``cls(param_groups, **optimizer.solver_kwargs())``; a :class:`StructuredOptimizer` subclass also reads the
+    structure keys (regularizer, lam, group_dim) of each param group. A taken name is refused unless ``replace``."""
+    if not isinstance(name, str) or name != name.lower():
+        raise ValueError(f"a solver name is a lower-case string (get_solver is case-insensitive); got {name!r}")
+    return SOLVERS.register(name, replace=replace)
 
 
 def list_solvers() -> list[str]:
-    return sorted(SOLVERS)
+    return SOLVERS.names()
 
 
 def get_solver(name: str) -> type[torch.optim.Optimizer]:
     """The optimizer class registered under ``name`` (case-insensitive)."""
-    key = str(name).lower()
-    if key in SOLVERS:
-        return SOLVERS[key]
-    close = difflib.get_close_matches(key, list(SOLVERS), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"unknown solver {name!r}.{hint} Available: {', '.join(list_solvers())}.")
+    return SOLVERS.get(str(name).lower())
 
 
 __all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxGen", "StageScheduler", "final_stage_ramp_steps", "StructuredOptimizer", "get_solver",
-           "list_solvers", "solve_subproblem"]
+           "list_solvers", "register_solver", "solve_subproblem"]

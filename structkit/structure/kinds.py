@@ -19,13 +19,13 @@ Built-in kinds: ``channels``, ``heads``, ``lowrank``, ``binary``, ``unstructured
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
+from ..registry import Registry
 from ._guard import DEFAULT_GRAPH_TIMEOUT, GraphError, graph_call
 from ._util import call, eval_mode
 
@@ -177,7 +177,7 @@ class StructureKind:
         return f"<structure kind {self.name!r}>"
 
 
-_KINDS: dict[str, StructureKind] = {}
+_KINDS: Registry[StructureKind] = Registry("structure kind", how="add your own with @structkit.structure.register_kind")
 
 
 def register_kind(name: str, *, replace: bool = False):
@@ -188,10 +188,8 @@ def register_kind(name: str, *, replace: bool = False):
     def decorate(cls: type[StructureKind]) -> type[StructureKind]:
         if not (isinstance(cls, type) and issubclass(cls, StructureKind)):
             raise TypeError(f"@register_kind('{name}') must decorate a subclass of StructureKind.")
-        if name in _KINDS and not replace:
-            raise ValueError(f"structure kind {name!r} is already registered; pass replace=True to override it.")
+        _KINDS.add(name, cls(), replace=replace)  # a taken name is refused before cls.name changes
         cls.name = name
-        _KINDS[name] = cls()
         return cls
 
     return decorate
@@ -199,14 +197,9 @@ def register_kind(name: str, *, replace: bool = False):
 
 def get_kind(name: str) -> StructureKind:
     """The registered kind called ``name``; unknown names raise ValueError with the closest match."""
-    if name in _KINDS:
-        return _KINDS[name]
-    close = difflib.get_close_matches(str(name), list(_KINDS), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ValueError(f"unknown structure kind {name!r}.{hint} Registered kinds: {', '.join(list_kinds())}; "
-                     "add your own with @structkit.structure.register_kind.")
+    return _KINDS.get(name)
 
 
 def list_kinds() -> list[str]:
     """Registered kind names, sorted."""
-    return sorted(_KINDS)
+    return _KINDS.names()
