@@ -118,7 +118,7 @@ def torch_pruning_row(args, adamw_folder: Path, target_macs: float, seed: int, o
     from structkit.config import validate
     from structkit.data import make_loaders
     from structkit.deploy import export_onnx, measure_latency
-    from structkit.pipeline import RunFolder, _recalibration_batches, build, seed_everything
+    from structkit.pipeline import RunFolder, build, recalibration_batches, seed_everything
     from structkit.training import evaluate, recalibrate_batchnorm, train_epoch
 
     if round_to == "args":
@@ -152,7 +152,7 @@ def torch_pruning_row(args, adamw_folder: Path, target_macs: float, seed: int, o
     s = cfg.schedule
     train_loader, _, test_loader = make_loaders(setup.splits, s.batch_size, seed=s.seed,
                                                 eval_batch_size=s.eval_batch_size)
-    recal = _recalibration_batches(setup)
+    recal = recalibration_batches(setup)
     recalibrate_batchnorm(slim, recal)
     acc_pruned = evaluate(slim, test_loader)["accuracy"]
     seed_everything(seed)
@@ -227,7 +227,6 @@ def interleaved_timing(args, rounds: int = 5, steps: int = 40) -> dict:
     from structkit.config import validate
     from structkit.data import make_loaders
     from structkit.pipeline import build, make_solver
-    from structkit.training import _loss
 
     torch.set_num_threads(args.threads)
     names = ["adamw"] + list(SOLVERS)
@@ -244,7 +243,7 @@ def interleaved_timing(args, rounds: int = 5, steps: int = 40) -> dict:
         batches.append((x, y))
         if len(batches) == steps:
             break
-    times = round_robin_step_times(setups, batches, _loss, rounds)
+    times = round_robin_step_times(setups, batches, torch.nn.functional.cross_entropy, rounds)
     return {**median_ratios(times), "rounds": rounds, "steps": steps, "threads": args.threads,
             "batch_size": args.batch_size, "lam": lam}
 
