@@ -14,8 +14,8 @@ DIGITS = ROOT / "configs" / "digits.yaml"
 
 @pytest.mark.parametrize("overrides, expected", [
     (["schedule.epoch=3"], "did you mean 'epochs'"),
-    (["structure.0.lam=-1"], "structure.0.lam: lam must be >= 0"),
-    (["schedule.batch_size=0"], "schedule.batch_size: batch_size must be an integer >= 1; got 0"),
+    (["structure.0.lam=-1"], "structure.0.lam: Input should be greater than or equal to 0; got -1"),
+    (["schedule.batch_size=0"], "schedule.batch_size: Input should be greater than or equal to 1; got 0"),
     (["optimizer.milestones=[3, 1]"], "milestones must be strictly increasing"),
     (["optimizer.name=adamm"], "unknown solver 'adamm' (did you mean 'adam"),
     (["model.options.widths=[8]"], "pool_after counts convolutions"),  # raised while building the model

@@ -83,12 +83,12 @@ def test_rules_accept_dicts_models_and_lists_and_fill_kind_defaults():
 @pytest.mark.parametrize("rule, message", [
     ({"kind": "chanels", "lam": 1e-3}, "Did you mean 'channels'"),
     ({"kind": "channels", "regularizer": "group_laso", "lam": 1e-3}, "Did you mean 'group_lasso'"),
-    ({"kind": "channels", "lam": -1.0}, "lam must be >= 0"),
+    ({"kind": "channels", "lam": -1.0}, "lam: Input should be greater than or equal to 0"),
     ({"kind": "channels"}, "lam is required"),
     ({"kind": "channels", "lam": 1e-3, "round_to": 8}, "round_to is an option of structkit.prune"),
     ({"kind": "channels", "regularizer": "nuclear", "lam": 1e-3}, "does not fit kind 'channels'"),
     ({"kind": "lowrank", "lam": 1e-3, "block": 4}, "block is only meaningful"),
-    ({"kind": "channels", "lam": 1e-3, "block": 0}, "block must be >= 1"),
+    ({"kind": "channels", "lam": 1e-3, "block": 0}, "block: Input should be greater than or equal to 1"),
     ({"kind": "channels", "lam": 1e-3, "select": "re:(("}, "invalid regular expression"),
 ])
 def test_invalid_rules_raise_value_errors_that_name_the_problem(rule, message):

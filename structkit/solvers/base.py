@@ -19,6 +19,7 @@ group and reused (:meth:`StructuredOptimizer._buffer`), so a step allocates no p
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from .subproblem import METHODS, SubproblemInfo, solve_subproblem
 class StructuredOptimizer(Optimizer):
     """Base class. Subclasses implement :meth:`_update` (and :meth:`_restart_state` if they keep a dual state)."""
 
-    #: hyperparameters that must be > 0 / >= 0 / in [0, 1]; subclasses extend these
+    #: hyperparameters that must be > 0 / >= 0 / in (0, 1] (:meth:`check_hyperparameters`); subclasses extend these
     _positive: tuple[str, ...] = ("lr",)
     _nonnegative: tuple[str, ...] = ("lam",)
     _unit_interval: tuple[str, ...] = ()
@@ -52,20 +53,27 @@ class StructuredOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._validate(self.param_groups[-1])
 
+    @classmethod
+    def check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
+        """Raise ValueError naming the first hyperparameter in ``values`` this solver refuses (keys it does not
+        constrain are ignored). Every param group goes through these checks when the solver is built;
+        :mod:`structkit.config` runs them on ``optimizer`` so that a bad value fails when the config is read."""
+        name = cls.__name__
+        for key in cls._positive:
+            if key in values and not (_is_number(values[key]) and values[key] > 0):
+                raise ValueError(f"Invalid {key} for {name}: {values[key]!r}; it must be a finite number > 0.")
+        for key in cls._nonnegative:
+            if key in values and not (_is_number(values[key]) and values[key] >= 0):
+                raise ValueError(f"Invalid {key} for {name}: {values[key]!r}; it must be a finite number >= 0.")
+        for key in cls._unit_interval:
+            if key in values and not (_is_number(values[key]) and 0 < values[key] <= 1):
+                raise ValueError(f"Invalid {key} for {name}: {values[key]!r}; it must be in (0, 1].")
+        if "subproblem" in values and values["subproblem"] not in METHODS:
+            raise ValueError(f"Invalid subproblem method {values['subproblem']!r}; use one of {METHODS}.")
+
     def _validate(self, group: dict[str, Any]) -> None:
-        name = type(self).__name__
-        for key in self._positive:
-            if not _is_number(group[key]) or not group[key] > 0:
-                raise ValueError(f"Invalid {key} for {name}: {group[key]!r}; it must be a number > 0.")
-        for key in self._nonnegative:
-            if not _is_number(group[key]) or not group[key] >= 0:
-                raise ValueError(f"Invalid {key} for {name}: {group[key]!r}; it must be a finite number >= 0.")
-        for key in self._unit_interval:
-            if not _is_number(group[key]) or not 0 < group[key] <= 1:
-                raise ValueError(f"Invalid {key} for {name}: {group[key]!r}; it must be in (0, 1].")
+        self.check_hyperparameters(group)
         reg = get_regularizer(group["regularizer"])
-        if group.get("subproblem", "auto") not in METHODS:
-            raise ValueError(f"Invalid subproblem method {group['subproblem']!r}; use one of {METHODS}.")
         params = group["params"]
         if group["group_index"] is not None and len(group["group_index"]) != len(params):
             raise ValueError(f"group_index has {len(group['group_index'])} entries for {len(params)} parameters; "

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from .base import StructuredOptimizer
+from .base import StructuredOptimizer, _is_number
 
 
 class ProxGen(StructuredOptimizer):
@@ -30,11 +32,17 @@ class ProxGen(StructuredOptimizer):
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *,
                  regularizer="none", lam: float = 0.0, group_dim: int | None = None, inner_tol: float = 1e-2,
                  inner_delta: float = 0.05, inner_max_iter: int = 100, subproblem: str = "auto"):
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Invalid betas for ProxGen: {betas!r}; both must be in [0, 1).")
+        self.check_hyperparameters({"betas": betas})
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, regularizer=regularizer, lam=lam,
                                       group_dim=group_dim, inner_tol=inner_tol, inner_delta=inner_delta,
                                       inner_max_iter=inner_max_iter, subproblem=subproblem))
+
+    @classmethod
+    def check_hyperparameters(cls, values: Mapping[str, Any]) -> None:
+        super().check_hyperparameters(values)
+        betas = values.get("betas", (0.9, 0.999))
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"Invalid betas for ProxGen: {betas!r}; two numbers, both in [0, 1).")
 
     _restart_scales_eps = False  # a new stage only scales lr: ProxGen has no dual state, and Adam keeps its eps
 

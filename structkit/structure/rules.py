@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .kinds import get_kind
 
@@ -67,8 +67,8 @@ class StructureRule(BaseModel):
     exclude: list[str] = []
     kind: str
     regularizer: str | None = None
-    lam: float | None = None
-    block: int = 1
+    lam: float | None = Field(None, ge=0, allow_inf_nan=False)
+    block: int = Field(1, ge=1)
 
     @field_validator("types", "exclude", mode="before")
     @classmethod
@@ -97,20 +97,6 @@ class StructureRule(BaseModel):
     @classmethod
     def _known_kind(cls, value: str) -> str:
         get_kind(value)  # raises with a did-you-mean suggestion
-        return value
-
-    @field_validator("lam")
-    @classmethod
-    def _nonnegative_lam(cls, value: float | None) -> float | None:
-        if value is not None and not value >= 0:
-            raise ValueError(f"lam must be >= 0 (it scales the regularizer); got {value}.")
-        return value
-
-    @field_validator("block")
-    @classmethod
-    def _positive_block(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"block must be >= 1 (the number of adjacent channels per group); got {value}.")
         return value
 
     @model_validator(mode="after")
