@@ -31,7 +31,10 @@ def register_solver(name: str, *, replace: bool = False):
     """Class decorator: ``@register_solver("my_solver")`` makes ``optimizer.name: my_solver`` usable in a config
     (names are lower case: :func:`get_solver` is case-insensitive). The class is built as
     ``cls(param_groups, **optimizer.solver_kwargs())``; a :class:`StructuredOptimizer` subclass also reads the
-    structure keys (regularizer, lam, group_dim) of each param group. A taken name is refused unless ``replace``."""
+    structure keys (regularizer, lam, group_dim) of each param group. Reading a config builds the class once on a
+    stand-in one-element parameter with the config's values, so that a value it refuses is a config error (a
+    ``check_hyperparameters(values)`` classmethod, as :class:`StructuredOptimizer` has, lets the error name the field).
+    A taken name is refused unless ``replace``."""
     if not isinstance(name, str) or name != name.lower():
         raise ValueError(f"a solver name is a lower-case string (get_solver is case-insensitive); got {name!r}")
     return SOLVERS.register(name, replace=replace)
