@@ -6,13 +6,11 @@ the solver is identifying, :meth:`StructuredOptimizer.identified_zeros` (for RAM
 subproblem's solution at the current dual state; for ProxGen and ProxSGD the iterate's), measures the exact cost
 ratio ``r`` of the model with those groups removed (:func:`removal_cost`: a CPU copy pruned by the same
 dependency-graph pruner and ``round_to`` as the final model, counted by torch-pruning), and multiplies the lam of
-every group-lasso param group by
-
-.. math::  f = \mathrm{clip}\big(r / r^*,\ 1/1.15,\ 1.15\big)\quad(\text{up to } 1.5 \text{ while } r = 1)
-
-when ``r > r*`` (not sparse enough) or ``r < (1 - tolerance) r*`` (too sparse); otherwise lam stays. Dual
-averaging recomputes its solution from the whole dual state every step, so a group zeroed by too large a lam
-comes back when lam drops: the controller can correct an overshoot. (For latency targets the controller steers
+every group-lasso param group by the factor :func:`lam_factor` gives: it aims at a band just above the target,
+``[r*, (1 + 2 tolerance) r*]``, raising lam gently above it (at most 1.15 per check; 1.5 while no structure is
+identified yet) and lowering it fast below ``r*`` (at most 2 per check), because the final selection can remove
+more groups but never bring one back. Dual averaging recomputes its solution from the whole dual state every step,
+so a group zeroed by too large a lam comes back when lam drops: the controller can correct an overshoot. (For latency targets the controller steers
 the MACs ratio, a proxy; the final selection measures latency.) lam lives in the solver's param groups, so it is
 saved with the optimizer state and a resumed run continues with the adapted value.
 
@@ -42,10 +40,24 @@ __all__ = ["LamController", "Selection", "controller_for", "cost_factors", "cost
            "select_groups", "selection_for", "target_summary"]
 
 SEARCH_FACTOR = 1.5  # lam's step up while the solver identifies no structure at all (ratio 1: searching)
-MAX_FACTOR = 1.15    # the most lam changes in one check once it does (either way): dual averaging puts the active
-                     # groups near the zero threshold, so the identified structure moves steeply with lam; and the
-                     # group-lasso solution is continuous in lam, so small steps move the iterate little even once
-                     # the momentum has reached 1
+UP_FACTOR = 1.15     # the most lam rises in one check once it does: dual averaging puts the active groups near the
+                     # zero threshold, so the identified structure moves steeply with lam, and at a fixed lam it still
+                     # grows as the stage goes on (the pull of the stage's start point fades)
+DOWN_FACTOR = 2.0    # the most lam falls in one check: removing too much is what hurts (the final selection can
+                     # remove more groups, never add one back), so an overshoot is corrected fast
+
+
+def lam_factor(ratio: float, target: float, tolerance: float) -> float:
+    """The controller's rule: aim at the band ``[target, (1 + 2 tolerance) target]``, just above the target, and
+    leave the last step to the final selection. Above the band lam rises by ``ratio / upper`` (at most
+    ``UP_FACTOR``, or ``SEARCH_FACTOR`` while nothing is identified); below the target it falls by
+    ``ratio / target`` (at most ``DOWN_FACTOR``); inside, it stays."""
+    upper = (1 + 2 * tolerance) * target
+    if ratio > upper:
+        return min(ratio / upper, SEARCH_FACTOR if ratio >= 1 else UP_FACTOR)
+    if ratio < target:
+        return max(ratio / target, 1 / DOWN_FACTOR)
+    return 1.0
 
 
 @dataclass
@@ -123,6 +135,7 @@ class LamController:
             raise ValueError("compress.target adapts the lam of group-lasso groups (kinds channels and heads), and "
                              "the structure rules declare none. Add a channels or heads rule.")
         self.last: dict[str, Any] = {}
+        self.checks: list[list[float]] = []
 
     def after_step(self, step: int) -> None:
         if step % self.check_every == 0:
@@ -135,15 +148,19 @@ class LamController:
         _, removal = removal_cost(self.model, self.groupset, self.example_inputs, flags.nonzero().flatten(),
                                   round_to=self.round_to)
         ratio = removal.ratio(self.metric)
-        factor = 1.0
-        if ratio > self.target or ratio < (1 - self.tolerance) * self.target:
-            cap = SEARCH_FACTOR if ratio >= 1 else MAX_FACTOR
-            factor = min(max(ratio / self.target, 1 / cap), cap)
+        factor = lam_factor(ratio, self.target, self.tolerance)
+        if factor != 1.0:
             for group in self.groups:
                 group["lam"] *= factor
         self.last = {"identified_ratio": ratio, "identified_zero_groups": int(flags.sum()), "lam_factor": factor,
                      "lam": self.groups[0]["lam"]}
+        self.checks.append([round(ratio, 4), self.groups[0]["lam"]])
         return self.last
+
+    def epoch_summary(self) -> dict[str, Any]:
+        """The last check, and ``checks``: [ratio, lam] of every check since the previous summary."""
+        out, self.checks = {**self.last, "checks": self.checks}, []
+        return out
 
 
 @dataclass

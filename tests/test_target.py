@@ -160,26 +160,28 @@ class _Groups:
 
 
 def test_controller_raises_holds_and_lowers_lam(monkeypatch):
+    """The band is [target, (1 + 2 tol) target] = [0.6, 0.66]: above it lam rises by ratio / 0.66 (at most 1.15,
+    1.5 while nothing is identified), below 0.6 it falls by ratio / 0.6 (at most 2x), inside it stays."""
     model = _cnn()
     gs, x = _groups(model, lam=1e-3)
     solver = RAMDA(gs.param_groups(), lr=1e-2, momentum=0.1)
-    ratios = iter([1.0, 0.62, 0.59, 0.3])
+    ratios = iter([1.0, 0.70, 0.9, 0.63, 0.2, 0.5])
     monkeypatch.setattr(target_mod, "removal_cost",
                         lambda *a, **k: (None, Removal(100.0, 100.0 * next(ratios), 10, 10)))
     ctl = LamController(solver, _Groups(torch.zeros(len(gs), dtype=torch.bool)), model, x, metric="macs",
                         target=0.6, tolerance=0.05, check_every=3, round_to=None)
     lam = lambda: solver.param_groups[0]["lam"]  # noqa: E731
+    expected = 1e-3
     ctl.after_step(1)  # not a check step
-    assert lam() == 1e-3
-    ctl.after_step(3)  # ratio 1.0 > 0.6: capped increase x1.5
-    assert lam() == pytest.approx(1.5e-3)
-    ctl.check()        # 0.62: above the target, x 0.62/0.6
-    assert lam() == pytest.approx(1.5e-3 * 0.62 / 0.6)
-    held = lam()
-    ctl.check()        # 0.59: within [0.57, 0.6]: unchanged
-    assert lam() == held and ctl.last["lam_factor"] == 1.0
-    ctl.check()        # 0.3: too sparse, capped decrease (1.15; only the search for a first structure takes 1.5)
-    assert lam() == pytest.approx(held / 1.15)
+    assert lam() == expected
+    for factor in (1.5, 0.70 / 0.66, 1.15, 1.0, 0.5, 0.5 / 0.6):
+        ctl.check()
+        expected *= factor
+        assert lam() == pytest.approx(expected)
+        assert ctl.last["lam_factor"] == pytest.approx(factor)
+    summary = ctl.epoch_summary()
+    assert [c[0] for c in summary["checks"]] == [1.0, 0.7, 0.9, 0.63, 0.2, 0.5]
+    assert summary["lam"] == pytest.approx(expected) and ctl.epoch_summary()["checks"] == []
     assert solver.param_groups[-1].get("regularizer", "none") == "none"  # the rest group has no lam to adapt
 
 
