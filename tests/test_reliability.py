@@ -53,16 +53,16 @@ def _assert_clean_error(code: int, err: str, context: str = "") -> None:
 # ------------------------------------------------------------------------------------------------ bad input
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["optimizer.lam=-1"], ["optimizer.lam", "-1", ">= 0"]),
+    (["optimizer.lam=-1"], ["optimizer.lam", "-1", "greater than or equal to 0"]),
     (["optimizer.lam=abc"], ["optimizer.lam", "'abc'", "valid number"]),
     (["optimizer.lr=abc"], ["optimizer.lr", "'abc'", "valid number"]),
-    (["optimizer.lr=-0.5"], ["optimizer.lr", "-0.5", "> 0"]),
+    (["optimizer.lr=-0.5"], ["optimizer.lr", "-0.5", "greater than 0"]),
     (["optimizer.lr=.nan"], ["optimizer.lr", "nan", "finite"]),
     (["structure.0.select=''"], ["structure.0.select", "empty", "'*'"]),
     (["structure.0.select=nomatch.*"], ["structure rule #0", "'nomatch.*'", "matches no module",
                                         "features.conv1"]),
     (["optimizer.milestones=[3, 2]"], ["optimizer.milestones", "[3, 2]", "strictly increasing"]),
-    (["schedule.batch_size=0"], ["schedule.batch_size", "got 0", ">= 1"]),
+    (["schedule.batch_size=0"], ["schedule.batch_size", "got 0", "greater than or equal to 1"]),
     (["schedule.epochs=true"], ["schedule.epochs", "boolean true", "number"]),
     (["schedule=3"], ["schedule", "3", "dictionary"]),
     (["data.options.root=/nowhere"], ["data.options", "'root'", "val_fraction"]),
