@@ -1,18 +1,19 @@
 """lam sweep on all-MiniLM-L6-v2: ONNX Runtime speedup (batch 32, seq 128) vs held-out cosine to the dense model.
 
-For every lam of RAMDA and of a baseline solver (ProxGen by default) it runs ``structkit.distill`` (distil, prune,
-export, time, measure), then the Torch-Pruning magnitude reference at the head / FFN sizes each RAMDA point reached
-(same distillation budget after pruning). Writes every report under ``--out``, a JSON with one summary row per
-point, and the curve (speedup at batch 32 vs mean cosine) as a PNG.
+For every lam of RAMDA and of a baseline solver (ProxGen by default) it runs ``structkit run configs/minilm.yaml``
+(distil, prune, refit, export, time, measure), then the Torch-Pruning magnitude reference at the head / FFN sizes
+each RAMDA point reached (``model.options.prune_to``: cut by weight magnitude before training, then the same 200
+steps of distillation with AdamW). Writes every run folder under ``--out``, a JSON with one summary row per point,
+and the curve (speedup at batch 32 vs mean cosine) as a PNG.
 
     python benchmarks/minilm_sweep.py --out runs/minilm_sweep \\
-        --ramda-lams 4e-5 8e-5 1.6e-4 3.2e-4 --baseline proxgen --baseline-lams ... \\
+        --ramda-lams 6e-4 8e-4 --baseline proxgen --baseline-lams ... \\
         --json docs/minilm_sweep.json --png docs/img/minilm_tradeoff.png
 
-Every point is a separate process (``python -m structkit.distill``), so one point's memory and threads never
-touch the next; a point whose report.json exists is reused unless ``--force``. Settings shared by all points come
-from the config (``configs/minilm.yaml``) plus ``--set`` overrides; per-point settings (solver, lr, lam) from the
-flags.
+Every point is a separate process (``structkit run``), so one point's memory and threads never touch the next; a
+point whose report.json has its latency is reused unless ``--force`` (an interrupted point resumes). Settings shared
+by all points come from the config plus ``--set`` overrides; per-point settings (solver, lr, lam) from the flags.
+``structure.0`` is the heads rule of configs/minilm.yaml, ``structure.1`` the FFN rule.
 """
 from __future__ import annotations
 
@@ -26,33 +27,43 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_point(name: str, config: Path, out: Path, overrides: list[str], force: bool) -> dict:
+def run_point(name: str, config: Path, out: Path, overrides: list[str], force: bool) -> Path:
     folder = out / name
     report = folder / "report.json"
-    if report.is_file() and not force:
+    if report.is_file() and json.loads(report.read_text()).get("latency") and not force:
         print(f"[{name}] reusing {report}", file=sys.stderr, flush=True)
-        return json.loads(report.read_text())
-    print(f"[{name}] python -m structkit.distill {config} --out {folder} --set {' '.join(overrides)}",
-          file=sys.stderr, flush=True)
+        return folder
+    print(f"[{name}] structkit run {config} --out {folder} --set {' '.join(overrides)}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "structkit.distill", str(config), "--out", str(folder), "--set",
-                    *overrides], check=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-m", "structkit", "run", str(config), "--out", str(folder), "--resume",
+                    "--set", *overrides], check=True, cwd=ROOT)
     print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(report.read_text())
+    return folder
 
 
-def row(name: str, report: dict) -> dict:
-    s = dict(report["summary"])
-    s["name"] = name
-    s["ffn_lam"] = report["config"]["structure"]["ffn_lam"] if report["method"] == "structured" else None
-    s["lr"] = report["config"]["optimizer"]["lr"]
-    s["steps"] = report["config"]["train"]["steps"]
-    s["dense_params"] = report["dense"]["params"]
-    s["retrieval_dense_nn_in_slim_top5"] = report["quality"]["retrieval_dense_nn_in_slim_top5"]
-    s["pool"] = report["quality"]["pool"]
-    s["run_seconds"] = report["seconds"]
-    if "quality_before_training" in report:
-        s["cosine_mean_before_distillation"] = report["quality_before_training"]["cosine_mean"]
+def row(name: str, folder: Path) -> dict:
+    """One summary row from a run folder (report.json and results/compress.json)."""
+    report = json.loads((folder / "report.json").read_text())
+    comp = json.loads((folder / "results" / "compress.json").read_text())
+    cfg, layers = report["config"], report["layers"]
+    magnitude = cfg["model"]["options"].get("prune_to") is not None
+    heads = [e["after"] for n, e in layers.items() if n.endswith("attention.self")]
+    ffn = [e["after"] for n, e in layers.items() if n.endswith("intermediate.dense")]
+    q = comp["metrics"]["slim"]
+    steps_per_epoch = cfg["data"]["options"]["batches_per_epoch"]
+    s = {"name": name, "method": "magnitude" if magnitude else "structured", "solver": cfg["optimizer"]["name"],
+         "lam": None if magnitude else cfg["structure"][0]["lam"],
+         "ffn_lam": None if magnitude else cfg["structure"][1]["lam"], "lr": cfg["optimizer"]["lr"],
+         "heads_kept": heads, "ffn_kept": ffn, "heads_total": sum(heads), "ffn_total": sum(ffn),
+         "params": report["params"]["after"], "dense_params": report["params"]["before"],
+         "steps": (cfg["schedule"]["epochs"] + cfg["finetune"]["epochs"]) * steps_per_epoch,
+         **{k: q[k] for k in ("cosine_mean", "cosine_p5", "retrieval_agreement", "retrieval_dense_nn_in_slim_top5",
+                              "pool")},
+         "train_seconds": (report["timings"]["train_s"] or 0) + ((comp.get("finetune") or {}).get("seconds") or 0),
+         "run_seconds": report["wall_time_s"]}
+    for batch, r in (report.get("latency") or {}).items():
+        s.update({f"b{batch}_dense_p50_ms": r["dense_p50_ms"], f"b{batch}_slim_p50_ms": r["slim_p50_ms"],
+                  f"b{batch}_speedup": r["speedup"]})
     return s
 
 
@@ -77,37 +88,36 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def compare_exporters(out: Path, runs: int, warmup: int) -> dict:
-    """The dense model exported by both torch exporters, timed against each other (same protocol, seq 128)."""
-    import os
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-    from transformers import AutoModel, AutoTokenizer
+    """The dense model exported by both torch exporters (the task's export: encoder + pooling, dynamic axes, checked
+    at seq 128), timed against each other (same protocol)."""
+    from types import SimpleNamespace
 
-    from structkit import distill
+    import numpy as np
+    import torch
+
+    from structkit.config import load_config
     from structkit.deploy import environment, measure_latency
+    from structkit.tasks.sentence import SentenceDistillation, _model_path, sentence_encoder
+    from structkit.tasks.sentence_data import austen
 
     torch.set_num_threads(1)
-    path = distill._default_model_path()
-    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    train, held = distill._austen()
+    from transformers import AutoTokenizer
+    cfg = load_config(ROOT / "configs" / "minilm.yaml")
+    tokenizer, model = AutoTokenizer.from_pretrained(_model_path(None)), sentence_encoder().eval()
+    held = austen()[1]
     ex = tokenizer(held[:4], padding=True, truncation=True, max_length=64, return_tensors="pt")
-    example = {"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"]}
-    rows = distill._latency_inputs(tokenizer, held, 128, 8)
-    result = {}
+    setup = SimpleNamespace(example_inputs={"input_ids": ex["input_ids"], "attention_mask": ex["attention_mask"]},
+                            splits=SimpleNamespace(info={"held_out_all": held}, tokenizer=tokenizer,
+                                                   options=cfg.data.options))
+    task = SentenceDistillation()
+    make_inputs = task.bench_inputs(setup)
+    result, paths = {}, {}
     for exporter in ("torchscript", "dynamo"):
-        dep = distill.validate_config({"deploy": {"exporter": exporter, "batch_sizes": [1], "runs": 1,
-                                                  "warmup": 0, "keep_onnx": True}})["deploy"]
-        folder = out / f"exporter_{exporter}"
-        folder.mkdir(parents=True, exist_ok=True)
-        info = distill.export_and_time(model, model, folder, dep, example, rows)
-        result[exporter] = {k: info["dense"][k] for k in ("bytes", "max_abs_diff", "max_abs_diff_at_seq_len",
-                                                          "seconds")}
-    paths = {e: out / f"exporter_{e}" / "dense.onnx" for e in ("torchscript", "dynamo")}
+        paths[exporter] = out / f"exporter_{exporter}" / "dense.onnx"
+        info = task.export(setup, model, paths[exporter], opset=cfg.deploy.opset, exporter=exporter)
+        result[exporter] = {k: info[k] for k in ("bytes", "max_abs_diff", "max_abs_diff_at_seq_len")}
     latency = {}
     for batch, n in ((1, 10 * runs), (32, runs)):
-        def make_inputs(b: int) -> dict:
-            import numpy as np
-            return {k: np.ascontiguousarray(np.concatenate([v] * (b // len(v) + 1))[:b]) for k, v in rows.items()}
         latency[str(batch)] = measure_latency(paths, make_inputs, (batch,), warmup=warmup, runs=n)[str(batch)]
     result["latency"] = latency
     result["environment"] = environment()
@@ -154,16 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "minilm.yaml")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "minilm_sweep")
-    p.add_argument("--ramda-lams", type=float, nargs="+", default=[], help="structure.lam values for RAMDA")
+    p.add_argument("--ramda-lams", type=float, nargs="+", default=[], help="heads lam (structure.0.lam) of RAMDA")
     p.add_argument("--ramda-lr", type=float, default=None, help="default: the config's optimizer.lr")
     p.add_argument("--ffn-ratio", type=float, default=None,
-                   help="structure.ffn_lam = ratio x lam (for every solver); default: the config's ffn_lam rule")
+                   help="FFN lam (structure.1.lam) = ratio x lam (for every solver); default: the config's")
     p.add_argument("--baseline", default="proxgen", choices=["proxgen", "rmda"])
     p.add_argument("--baseline-lams", type=float, nargs="+", default=[])
     p.add_argument("--baseline-lr", type=float, default=1e-4)
     p.add_argument("--baseline-set", nargs="*", default=[], help="extra --set overrides for the baseline only")
     p.add_argument("--magnitude-optimizer", default="adamw")
-    p.add_argument("--magnitude-lr", type=float, default=3e-4, help="constant (no milestones), like finetune.lr")
+    p.add_argument("--magnitude-lr", type=float, default=3e-4, help="no milestones (like finetune.lr)")
     p.add_argument("--no-magnitude", action="store_true")
     p.add_argument("--set", dest="overrides", nargs="*", default=[], help="overrides for every point")
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "minilm_sweep.json")
@@ -187,29 +197,31 @@ def main(argv: list[str] | None = None) -> int:
     common = list(args.overrides)
 
     def ffn(lam: float) -> list[str]:
-        return [f"structure.ffn_lam={args.ffn_ratio * lam:g}"] if args.ffn_ratio is not None else []
+        return [f"structure.1.lam={args.ffn_ratio * lam:g}"] if args.ffn_ratio is not None else []
 
     rows, ramda_points = [], []
     for lam in args.ramda_lams:
         name = f"ramda_lam{lam:g}"
-        sets = common + ["method=structured", "optimizer.name=ramda", f"structure.lam={lam:g}", *ffn(lam)]
+        sets = common + ["optimizer.name=ramda", f"structure.0.lam={lam:g}", *ffn(lam)]
         if args.ramda_lr is not None:
             sets.append(f"optimizer.lr={args.ramda_lr:g}")
         rows.append(row(name, run_point(name, args.config, args.out, sets, args.force)))
         ramda_points.append(name)
     for lam in args.baseline_lams:
         name = f"{args.baseline}_lam{lam:g}"
-        sets = common + ["method=structured", f"optimizer.name={args.baseline}", f"optimizer.lr={args.baseline_lr:g}",
-                         f"structure.lam={lam:g}", *ffn(lam)]
+        sets = common + [f"optimizer.name={args.baseline}", f"optimizer.lr={args.baseline_lr:g}",
+                         f"structure.0.lam={lam:g}", *ffn(lam)]
         if args.baseline == "proxgen":
             sets.append("optimizer.momentum=null")  # ProxGen has betas, not an averaging momentum
         rows.append(row(name, run_point(name, args.config, args.out, sets + list(args.baseline_set), args.force)))
     if not args.no_magnitude:
         for src in ramda_points:
             name = f"magnitude_like_{src}"
-            sets = common + ["method=magnitude", f"magnitude.from_report={args.out / src / 'report.json'}",
+            # the same 200 steps (40 epochs of 5) and sentences, no regularizer, nothing left to fine-tune
+            sets = common + [f"model.options.prune_to={args.out / src}", "structure.0.lam=0", "structure.1.lam=0",
                              f"optimizer.name={args.magnitude_optimizer}", f"optimizer.lr={args.magnitude_lr:g}",
-                             "optimizer.momentum=null", "optimizer.milestones=[]"]
+                             "optimizer.momentum=null", "optimizer.milestones=[]", "schedule.epochs=40",
+                             "finetune.epochs=0"]
             r = row(name, run_point(name, args.config, args.out, sets, args.force))
             r["sizes_from"] = src
             rows.append(r)

@@ -72,11 +72,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         print(pipeline.inspect(args.config, args.overrides))
         return 0
-    if args.command == "run" and _task_of(args.config) == "sentence_distillation":
-        from . import distill  # configs/minilm.yaml: distil a sentence encoder (needs the transformers extra)
-        cfg = distill.load_config(args.config, args.overrides)
-        distill.run_sentence_distillation(cfg, args.out or Path("runs") / args.config.stem)
-        return 0
     if args.command in ("run", "train"):
         from . import distributed
         config = pipeline.load_config(args.config, args.overrides)
@@ -111,16 +106,6 @@ def _rank() -> int:
         return int(os.environ.get("RANK", "0"))
     except ValueError:
         return 0
-
-
-def _task_of(path: Path) -> str | None:
-    """The top-level ``task`` of a YAML config (configs of other commands declare one), or None."""
-    import yaml
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
-        return None  # the config loader reports unreadable files with its own clear message
-    return data.get("task") if isinstance(data, dict) else None
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ __all__ = ["Config", "ModelConfig", "DataConfig", "SplitConfig", "OptimizerConfi
            "training_view", "TRAINING_SECTIONS"]
 
 #: the sections that decide the training trajectory; a checkpoint is only resumed under the same values
-TRAINING_SECTIONS = ("model", "data", "optimizer", "schedule", "structure", "compress")
+TRAINING_SECTIONS = ("task", "model", "data", "optimizer", "schedule", "structure", "compress")
 #: schedule keys that do not decide the trajectory (left out of the training hash)
 _NOT_TRAJECTORY = ("threads", "device")
 
@@ -39,6 +39,7 @@ _NOT_TRAJECTORY = ("threads", "device")
 class Config(Section):
     """A whole run: ``model``, ``data``, ``structure`` are required; the other sections have defaults."""
 
+    task: str = Field("classification", validate_default=True, description="what the run learns (structkit.tasks)")
     model: ModelConfig
     data: DataConfig
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
@@ -61,6 +62,12 @@ class Config(Section):
             data = {**data, "structure": [{**r, "lam": lam} if isinstance(r, dict) and "lam" not in r else r
                                           for r in rules]}
         return data
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        from .tasks import check_task  # imports the task's module: its data sets and models register
+        return check_task(value)
 
     @field_validator("structure")
     @classmethod
@@ -145,6 +152,8 @@ def training_view(data: dict[str, Any]) -> dict[str, Any]:
         part = view.get(section)
         if isinstance(part, dict) and key in part and ignore(part[key]):
             view[section] = {k: v for k, v in part.items() if k != key}
+    if view.get("task") == "classification":  # the default, left out: runs made before tasks existed resume
+        view.pop("task")
     if not (view.get("compress") or {}).get("target"):  # without a target the section changes nothing in training
         view.pop("compress", None)
     return view

@@ -54,6 +54,7 @@ class FinetuneConfig(Section):
 
     epochs: int = Field(0, ge=0, description="fine-tuning epochs of the slim model after pruning; 0 = none")
     lr: float = Field(1e-3, gt=0, allow_inf_nan=False, description="AdamW learning rate, decayed to 0 by a cosine schedule")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="cosine: decay lr to 0; constant")
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="AdamW weight decay")
     distill: bool = Field(False, description="knowledge distillation from the trained dense model: the loss mixes "
                                              "cross entropy with T^2 KL(teacher || student) on logits at temperature T")

@@ -5,16 +5,14 @@
 from __future__ import annotations
 
 import copy
-import math
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .run_folder import open_stage, read_slim, say_cpu, write_report
-from .setup import Log, Setup, first_inputs, load_data, trained_setup
+from .setup import Log, Setup, trained_setup
 
 __all__ = ["export", "bench"]
 
@@ -23,8 +21,6 @@ def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | No
            setup: Setup | None = None) -> dict[str, Any]:
     """Export the trained (dense) and slim models to ONNX, each checked against torch in ONNX Runtime. ``setup``:
     the one the training of this ``structkit run`` built (reused, see :func:`structkit.setup.trained_setup`)."""
-    from .deploy import export_onnx
-
     log = log or Log()
     t0 = time.perf_counter()
     folder, config = open_stage(out, overrides, "export", needs="compress")
@@ -32,10 +28,9 @@ def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | No
     slim = read_slim(folder, build=lambda: copy.deepcopy(setup.model))
     say_cpu(log, folder, "export", "the ONNX export and its check in ONNX Runtime")
     d = config.deploy
-    inputs = setup.verify_inputs[:64]
     result = {}
     for name, model in (("dense", setup.model), ("slim", slim)):
-        result[name] = export_onnx(model, inputs, folder / f"{name}.onnx", opset=d.opset, exporter=d.exporter)
+        result[name] = setup.task.export(setup, model, folder / f"{name}.onnx", opset=d.opset, exporter=d.exporter)
         result[name]["path"] = f"{name}.onnx"
         log(f"exported {name}.onnx ({result[name]['bytes']:,} bytes; max |ORT - torch| "
             f"{result[name]['max_abs_diff']:.2g})")
@@ -48,18 +43,18 @@ def export(out: str | Path, *, overrides: list[str] | None = None, log: Log | No
 def bench(out: str | Path, *, overrides: list[str] | None = None, log: Log | None = None,
           setup: Setup | None = None) -> dict[str, Any]:
     """ONNX Runtime latency of dense.onnx and slim.onnx (see structkit.deploy.measure_latency). ``setup``: the one
-    the training of this ``structkit run`` built; its test split gives the inputs (otherwise the data is loaded)."""
+    the training of this ``structkit run`` built; its test split gives the inputs (otherwise the data is loaded:
+    :meth:`structkit.tasks.Task.bench_inputs` makes them)."""
     from .deploy import environment, measure_latency
 
     log = log or Log()
     t0 = time.perf_counter()
     folder, config = open_stage(out, overrides, "bench", needs="export")
-    splits = setup.splits if setup is not None and setup.built_from(config) else load_data(config)
-    images = first_inputs(splits.test, max(config.deploy.batch_sizes)).numpy()
-
-    def make_inputs(batch: int) -> dict[str, np.ndarray]:
-        reps = math.ceil(batch / len(images))
-        return {"input": np.ascontiguousarray(np.concatenate([images] * reps)[:batch])}
+    if setup is None or not setup.built_from(config):  # the data only (no model, no groups): what the inputs need
+        from .tasks import get_task
+        task = get_task(config.task)
+        setup = Setup(config, task.build_data(config), None, None, None, None, task)
+    make_inputs = setup.task.bench_inputs(setup)
 
     d = config.deploy
     log(f"timing dense.onnx and slim.onnx at batch {', '.join(map(str, d.batch_sizes))} "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import load_weights, save_torch
-from .training import evaluate, recalibrate_batchnorm, train_epoch
+from .training import recalibrate_batchnorm, train_epoch
 
 __all__ = ["distillation_loss", "finetune"]
 
@@ -49,14 +49,20 @@ def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 def finetune(slim: nn.Module, train_loader, settings, *, checkpoints: Path, key: dict[str, Any],
              teacher: nn.Module | None = None, precision: str = "fp32", recalibration=(),
-             val_loader=None, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+             val_loader=None, log: Callable[[str], None] = print, task=None) -> list[dict[str, Any]]:
     """Fine-tune ``slim`` in place for ``settings.epochs`` epochs (``settings``: a ``FinetuneConfig``); returns
     one record per epoch (loss, validation accuracy). ``key`` identifies the run (training hash and fine-tune
     settings): a checkpoint with another key is not resumed from but started over. ``teacher``: the dense model for
-    distillation. ``recalibration``: batches for BatchNorm statistics before each validation."""
+    distillation. ``recalibration``: batches for BatchNorm statistics before each validation. ``task``: the run's
+    :class:`structkit.tasks.Task` (its loss, when it has its own, and its metrics; default: classification)."""
+    if task is None:
+        from .tasks import get_task
+        task = get_task("classification")
+    metric = task.primary_metric
     steps = settings.epochs * len(train_loader)
     opt = torch.optim.AdamW(slim.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1)) \
+        if getattr(settings, "lr_schedule", "cosine") == "cosine" else torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     generator = getattr(train_loader, "generator", None)
     history: list[dict[str, Any]] = []
     start = 0
@@ -86,15 +92,18 @@ def finetune(slim: nn.Module, train_loader, settings, *, checkpoints: Path, key:
         return distillation_loss(logits, target, y, temperature=settings.temperature, alpha=settings.alpha)
 
     for epoch in range(start + 1, settings.epochs + 1):
+        if hasattr(train_loader, "set_epoch"):  # a task's loader whose batches depend on the epoch
+            train_loader.set_epoch(epoch)
         loss = train_epoch(slim, train_loader, opt, epoch=epoch, precision=precision, loss_fn=loss_fn,
+                           batch_loss=task.batch_loss,
                            on_step=lambda step, value: sched.step())  # the cosine schedule steps with the optimizer
         record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": opt.param_groups[0]["lr"]}
         if val_loader is not None:
             recalibrate_batchnorm(slim, recalibration, precision)
-            record["val_accuracy"] = evaluate(slim, val_loader, precision)["accuracy"]
+            record[f"val_{metric}"] = task.evaluate(slim, val_loader, precision)[metric]
         history.append(record)
         log(f"fine-tuning epoch {epoch}/{settings.epochs}: loss {loss:.4f}"
-            + (f", validation accuracy {record['val_accuracy']:.4f}" if "val_accuracy" in record else ""))
+            + (f", validation {metric} {record[f'val_{metric}']:.4f}" if f"val_{metric}" in record else ""))
         checkpoints.mkdir(parents=True, exist_ok=True)
         save_torch(checkpoints / f"finetune_{epoch:04d}.pt",
                    {"key": key, "epoch": epoch, "model": slim.state_dict(), "optimizer": opt.state_dict(),

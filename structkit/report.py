@@ -4,7 +4,8 @@ pipeline stages left in the output folder (``results/*.json``, ``metrics.jsonl``
 
 ``report.json`` fields (accuracies are fractions in [0, 1])::
 
-    accuracy   {trained, slim, val_final}         test accuracy of the trained and slim models
+    metric     the lead metric of the task ("accuracy"; causal_lm: "perplexity"; sentence_distillation: "cosine_mean")
+    <metric>   {trained, slim, val_final}         its test value for the trained and slim models
     sparsity   {weighted_group_sparsity, lowrank_level, unstructured_sparsity, zero_groups, num_groups}
     params     {before, after}                     macs {before, after} (per example)
     verify     {max_abs_diff_torch, tolerance_torch, max_abs_diff_onnx, onnx: {dense, slim}}
@@ -39,10 +40,12 @@ def build_report(folder) -> dict[str, Any]:
     sparsity = (comp or {}).get("sparsity") or ({k: final.get(k) for k in (
         "weighted_group_sparsity", "lowrank_level", "unstructured_sparsity", "zero_groups", "num_groups")}
         if final else None)
+    metric = (comp or {}).get("metric") or _metric_of(config)
     return {
-        "accuracy": {"trained": _get(comp, "accuracy", "trained"), "slim": _get(comp, "accuracy", "slim"),
-                     "slim_pruned": _get(comp, "accuracy", "slim_pruned"), "projected": _get(comp, "accuracy", "projected"),
-                     "val_final": final.get("val_accuracy")},
+        "metric": metric,
+        metric: {"trained": _get(comp, metric, "trained"), "slim": _get(comp, metric, "slim"),
+                 "slim_pruned": _get(comp, metric, "slim_pruned"), "projected": _get(comp, metric, "projected"),
+                 "val_final": final.get(f"val_{metric}")},
         "finetune": {k: v for k, v in ((comp or {}).get("finetune") or {}).items() if k != "history"} or None,
         "target": (comp or {}).get("target"),
         "sparsity": sparsity,
@@ -77,6 +80,15 @@ def collapse_warnings(compress: dict | None) -> list[str]:
                        f"zero, so the layer passes nothing on; prune kept one zero group so the model still runs. "
                        f"Lower the lam of the structure rule that selects {name} (or exclude it).")
     return out
+
+
+def _metric_of(config: dict | None) -> str:
+    """The lead metric of the config's task (``accuracy`` for classification)."""
+    from .tasks import get_task
+    try:
+        return get_task((config or {}).get("task") or "classification").primary_metric
+    except (ValueError, ImportError):
+        return "accuracy"
 
 
 def _get(data: dict | None, *keys: str) -> Any:
@@ -115,12 +127,13 @@ def _ratio(before: Any, after: Any) -> str:
 def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots: list[str] = ()) -> str:
     """report.md: summary, verification, per-layer widths, latency, training, solver, environment."""
     cfg = report.get("config") or {}
-    acc, params, macs, verify = report["accuracy"], report["params"], report["macs"], report["verify"]
+    m = report.get("metric", "accuracy")
+    acc, params, macs, verify = report[m], report["params"], report["macs"], report["verify"]
     sp = report.get("sparsity") or {}
     lines = [f"# structkit report: {_get(cfg, 'model', 'name') or '?'} on {_get(cfg, 'data', 'name') or '?'}, "
              f"solver {_get(cfg, 'optimizer', 'name') or '?'}", ""]
     lines += ["| | trained (dense) | slim | |", "|---|---|---|---|",
-              f"| test accuracy | {_num(acc['trained'], '{:.4f}')} | {_num(acc['slim'], '{:.4f}')} | |",
+              f"| test {m} | {_num(acc['trained'], '{:.4f}')} | {_num(acc['slim'], '{:.4f}')} | |",
               f"| parameters | {_num(params['before'])} | {_num(params['after'])} | "
               f"{_ratio(params['before'], params['after'])} |",
               f"| MACs per example | {_num(macs['before'])} | {_num(macs['after'])} | "
@@ -130,13 +143,13 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
                      f"speedup **{row['speedup']:.2f}x** |")
     lines += ["", f"Weighted group sparsity {_num(sp.get('weighted_group_sparsity'), '{:.4f}')}; "
                   f"{_num(sp.get('zero_groups'))} of {_num(sp.get('num_groups'))} groups exactly zero; "
-                  f"validation accuracy after the last epoch {_num(acc.get('val_final'), '{:.4f}')}.", ""]
+                  f"validation {m} after the last epoch {_num(acc.get('val_final'), '{:.4f}')}.", ""]
     if report.get("target"):
         t = report["target"]
         lines += [f"Target: {t['metric']} ratio {t['target']:.3f} of the dense model; reached **{t['reached']:.3f}** "
                   f"({'within' if t['within_tolerance'] else 'NOT within'} tolerance). {t['exact_zero_groups']} groups "
                   f"were exactly zero after training; {t['added_groups']} more were removed (largest RMS "
-                  f"{t['added_max_rms']:.3g})" + (f", which changed the test accuracy from "
+                  f"{t['added_max_rms']:.3g})" + (f", which changed the test {m} from "
                   f"{_num(acc.get('trained'), '{:.4f}')} to {_num(acc.get('projected'), '{:.4f}')} before "
                   "fine-tuning" if acc.get("projected") is not None else "") + "."
                   + (f" Note: {t['note']}." if t.get("note") else ""), ""]
@@ -144,7 +157,7 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
         ft = report["finetune"]
         lines += [f"The slim model was fine-tuned for {ft['epochs']} epoch(s)"
                   + (" with distillation from the dense model" if ft.get("distill") else "")
-                  + f" after pruning ({ft['budget_epochs']} epochs in all); its test accuracy before fine-tuning, "
+                  + f" after pruning ({ft['budget_epochs']} epochs in all); its test {m} before fine-tuning, "
                   f"verified equal to the trained model's function, was {_num(acc.get('slim_pruned'), '{:.4f}')}.",
                   ""]
     if report.get("warnings"):
@@ -183,10 +196,10 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
                   f"Machine: {env.get('cpu')}, {env.get('logical_cores')} logical cores; onnxruntime "
                   f"{env.get('onnxruntime')}, torch {env.get('torch')}.", ""]
     if history:
-        lines += ["## Training", "", "| epoch | train loss | val accuracy | WGS | zero groups | mean inner iters | lr | s |",
+        lines += ["## Training", "", f"| epoch | train loss | val {m} | WGS | zero groups | mean inner iters | lr | s |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in history:
-            lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {r['val_accuracy']:.4f} | "
+            lines.append(f"| {r['epoch']} | {r['train_loss']:.4f} | {_num(r.get(f'val_{m}'), '{:.4f}')} | "
                          f"{_num(r.get('weighted_group_sparsity'), '{:.4f}')} | {r.get('zero_groups')} / {r.get('num_groups')} | "
                          f"{_num(r.get('mean_inner_iters'), '{:.2f}')} | {r['lr']:.3g} | {r['epoch_seconds']:.1f} |")
         lines.append("")
@@ -211,8 +224,9 @@ def render_markdown(report: dict[str, Any], history: list[dict[str, Any]], plots
 
 def summary_line(report: dict[str, Any]) -> str:
     """One line for the end of ``structkit run`` (printed even with --quiet)."""
-    acc, params, macs = report["accuracy"], report["params"], report["macs"]
-    parts = [f"test accuracy {_num(acc['trained'], '{:.4f}')} -> slim {_num(acc['slim'], '{:.4f}')}",
+    m = report.get("metric", "accuracy")
+    acc, params, macs = report[m], report["params"], report["macs"]
+    parts = [f"test {m} {_num(acc['trained'], '{:.4f}')} -> slim {_num(acc['slim'], '{:.4f}')}",
              f"params {_num(params['before'])} -> {_num(params['after'])}",
              f"MACs {_num(macs['before'])} -> {_num(macs['after'])}"]
     latency = report.get("latency") or {}
@@ -244,8 +258,9 @@ def _plots(folder, report: dict[str, Any], history: list[dict[str, Any]]) -> lis
         fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
         axes[0].plot(epochs, [r["train_loss"] for r in history], marker="o")
         axes[0].set(title="training loss", xlabel="epoch")
-        axes[1].plot(epochs, [r["val_accuracy"] for r in history], marker="o", color="tab:green")
-        axes[1].set(title="validation accuracy", xlabel="epoch")
+        m = report.get("metric", "accuracy")
+        axes[1].plot(epochs, [r.get(f"val_{m}", float("nan")) for r in history], marker="o", color="tab:green")
+        axes[1].set(title=f"validation {m}", xlabel="epoch")
         wgs = [r.get("weighted_group_sparsity") for r in history]
         axes[2].plot(epochs, [w if w is not None else float("nan") for w in wgs], marker="o", color="tab:red")
         axes[2].set(title="weighted group sparsity", xlabel="epoch", ylim=(0, 1))

@@ -52,8 +52,9 @@ class Setup:
     splits: Any
     model: nn.Module
     groupset: Any
-    example_inputs: torch.Tensor  # one small training batch: traces the model for the structure kinds
-    verify_inputs: torch.Tensor   # validation inputs: verify pruning and check the ONNX export
+    example_inputs: Any  # one small training batch: traces the model for the structure kinds
+    verify_inputs: Any   # validation inputs: verify pruning and check the ONNX export
+    task: Any = None     # the config's structkit.tasks.Task (data, model, loss, metrics, export inputs)
     # as build() left them: the global random states and every module's train/eval flag (see rewind)
     built_rng: dict[str, Any] = field(default_factory=dict, repr=False)
     built_modes: list[bool] = field(default_factory=list, repr=False)
@@ -87,22 +88,22 @@ def build(config: Config, *, load_init: bool = True) -> Setup:
 
     The splits may be any map-style Datasets (:class:`structkit.data.Splits`): only the few examples built here
     (example and verification inputs) are read now; training, evaluation and recalibration read through loaders."""
-    from .models import get_model
     from .structure import group_parameters
+    from .tasks import get_task
 
     if config.schedule.threads is not None:
         torch.set_num_threads(config.schedule.threads)
     seed_everything(config.schedule.seed)
+    task = get_task(config.task)
     with _naming(f"data (name {config.data.name!r}, options {config.data.options})"):
-        splits = load_data(config)
+        splits = task.build_data(config)
     with _naming(f"model (name {config.model.name!r}, options {config.model.options})"):
-        model = get_model(config.model.name, input_shape=splits.input_shape, num_classes=splits.num_classes,
-                          init=config.model.init if load_init else "random", **config.model.options)
-    example = first_inputs(splits.train, 8)
-    verify = first_inputs(splits.val, config.prune.verify_examples)
+        model = task.build_model(config, splits, load_init=load_init)
+    example = task.example_inputs(splits, "train", 8)
+    verify = task.example_inputs(splits, "val", config.prune.verify_examples)
     with _naming("structure"):
         groupset = group_parameters(model, example, [r.model_dump() for r in config.structure])
-    return Setup(config, splits, model, groupset, example, verify,
+    return Setup(config, splits, model, groupset, example, verify, task,
                  built_rng={"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
                  built_modes=[m.training for m in model.modules()])
 
@@ -158,14 +159,28 @@ def recalibration_batches(setup: Setup, device: torch.device | None = None):
     return batches if device is None else [(x.to(device), y.to(device)) for x, y in batches]
 
 
-def make_solver(config: Config, groupset, steps_per_epoch: int | None = None):
-    """The configured solver and its StageScheduler. With ``steps_per_epoch`` the final stage ramps the momentum
-    to 1 by its middle (so the run ends with exactly-zero groups whatever the momentum); a schedule whose final
-    stage is too short for that is refused here, before training."""
+def make_solver(config: Config, groupset, steps_per_epoch: int | None = None, *, paper_ramp: bool = False):
+    """The configured solver and its StageScheduler, over the trainable parameters (frozen ones are left out: a
+    solver would update them with gradient 0, at full cost). With ``steps_per_epoch`` the final stage ramps the
+    momentum to 1 by its middle (so the run ends with exactly-zero groups whatever the momentum); a schedule whose
+    final stage is too short for that is refused here, before training. ``paper_ramp`` (a task's choice): keep the
+    paper's ramp ``min(c sqrt(t), 1)`` when it reaches 1 within the final stage."""
     from .solvers import StageScheduler, get_solver
-    solver = get_solver(config.optimizer.name)(groupset.param_groups(), **config.optimizer.solver_kwargs())
+    groups = []
+    for g in groupset.param_groups():
+        params = [p for p in g["params"] if p.requires_grad]
+        if g.get("regularizer", "none") != "none" and len(params) != len(g["params"]):
+            raise ConfigError("a parameter of a structure group is frozen (requires_grad=False); do not freeze "
+                              "grouped layers")
+        if params:
+            groups.append({**g, "params": params})
+    solver = get_solver(config.optimizer.name)(groups, **config.optimizer.solver_kwargs())
     length = {} if steps_per_epoch is None or not config.optimizer.milestones else \
         dict(epochs=config.schedule.epochs, steps_per_epoch=steps_per_epoch)
+    if length and paper_ramp:
+        final_steps = (config.schedule.epochs - config.optimizer.milestones[-1]) * steps_per_epoch
+        if (config.optimizer.momentum or 0.0) ** 2 * final_steps >= 1:
+            length = {}
     try:
         scheduler = StageScheduler(solver, milestones=config.optimizer.milestones, gamma=config.optimizer.gamma,
                                    **length)

@@ -24,7 +24,7 @@ from .device import describe as describe_device, resolve as resolve_device
 from .run_folder import RunFolder, checkpoint_to_resume, save_checkpoint, set_rng_state, write_metrics, write_report
 from .setup import Log, Setup, build, make_solver, recalibration_batches, seed_everything
 from .target import controller_for, cost_weighted
-from .training import NonFiniteError, evaluate, recalibrate_batchnorm, train_epoch
+from .training import NonFiniteError, recalibrate_batchnorm, train_epoch
 
 __all__ = ["train", "train_keeping_setup", "sparsity_summary"]
 
@@ -66,11 +66,9 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
     setup.groupset = cost_weighted(config, setup)  # compress.target: lam scaled per block by its cost
     model, groupset = setup.model, setup.groupset
     model.to(device)  # in place (the GroupSet keeps its parameters); before the solver, whose state follows them
-    from .data import make_loaders
-    s = config.schedule
+    s, task = config.schedule, setup.task
     pin = device.type == "cuda"  # page-locked batches: the host -> GPU copies do not block the host
-    train_loader, val_loader, _ = make_loaders(setup.splits, s.batch_size, seed=s.seed, eval_batch_size=s.eval_batch_size,
-                                               pin_memory=pin, num_workers=config.data.num_workers)
+    train_loader, val_loader, _ = task.loaders(setup, seed=s.seed, pin_memory=pin)
     step_model: nn.Module = model
     if distributed.is_distributed():  # this rank's share of every global batch; DDP averages the gradients
         train_loader = DataLoader(setup.splits.train, num_workers=config.data.num_workers, generator=train_loader.generator,
@@ -81,7 +79,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
         step_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {distributed.world_size()} processes ({torch.distributed.get_backend()}), global batch "
             f"{s.batch_size}")
-    solver, scheduler = make_solver(config, groupset, steps_per_epoch=len(train_loader))
+    solver, scheduler = make_solver(config, groupset, steps_per_epoch=len(train_loader), paper_ramp=task.paper_ramp)
     controller = controller_for(config, solver, setup, len(train_loader))  # compress.target: adapts lam
     recal = recalibration_batches(setup, device)  # in-memory data: moved once, reused
     history: list[dict[str, Any]] = []
@@ -101,7 +99,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
         train_loader.generator.manual_seed(s.seed)
     if main:
         write_text(folder / "config.yaml", config.to_yaml())
-    log(f"model {config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
+    log(f"task {config.task}; model {config.model.name}: {sum(p.numel() for p in model.parameters()):,} parameters; "
         f"{len(groupset)} groups; solver {config.optimizer.name}; {len(setup.splits.train):,} training examples")
     log(f"training on {describe_device(device)} (schedule.device: {s.device}), precision {s.precision}")
     train_seconds += time.perf_counter() - started
@@ -119,9 +117,11 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         try:
+            if hasattr(train_loader, "set_epoch"):  # a task's loader whose batches depend on the epoch
+                train_loader.set_epoch(epoch)
             try:
                 train_loss = train_epoch(step_model, train_loader, solver, epoch=epoch, precision=s.precision,
-                                         on_step=on_step, device=device)
+                                         on_step=on_step, device=device, batch_loss=task.batch_loss)
             except NonFiniteError as err:
                 files = folder.checkpoint_files()
                 kept = (f"the last good checkpoint {files[-1][1]} (epoch {files[-1][0]}) is kept" if files
@@ -130,18 +130,18 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
             lr = solver.param_groups[0]["lr"]
             scheduler.step()
             recalibrate_batchnorm(model, recal, s.precision, device=device)
-            val = evaluate(model, val_loader, s.precision, device=device)
+            val = task.evaluate(model, val_loader, s.precision, device=device)
             metrics = groupset.metrics()
             stats = _solver_stats(solver)
             seconds = time.perf_counter() - t0
-            record = {"epoch": epoch, "train_loss": train_loss, "val_accuracy": val["accuracy"],
-                      "val_loss": val["loss"], **sparsity_summary(metrics), "lr": lr,
+            record = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()},
+                      **sparsity_summary(metrics), "lr": lr,
                       "mean_inner_iters": stats.get("mean_inner_iters"), "max_inner_iters": stats.get("max_inner_iters"),
                       "pg_solves": stats.get("pg_solves"), "screened_fraction": stats.get("screened_fraction"),
                       "kept": {name: e["kept"] for name, e in metrics["layers"].items()},
                       "epoch_seconds": seconds}
             if controller is not None:  # the last check of the epoch: the identified structure's cost and lam
-                record["target"] = dict(controller.last)
+                record["target"] = controller.epoch_summary()
             history.append(record)
             train_seconds += seconds
             if main:
@@ -149,7 +149,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
                                 train_seconds, device)
                 write_metrics(folder, history)  # after the checkpoint: metrics.jsonl never runs ahead of it
             wgs = metrics["weighted_group_sparsity"]
-            bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['accuracy']:.3f}",
+            bar.set_postfix(loss=f"{train_loss:.3f}", **{f"val_{task.primary_metric}": f"{val[task.primary_metric]:.3f}"},
                             wgs="-" if wgs is None else f"{wgs:.3f}",
                             inner=f"{stats.get('mean_inner_iters', 0.0):.1f}", refresh=False)
         finally:

@@ -1,7 +1,8 @@
 """The training loop's pieces: one epoch of structured training, evaluation, BatchNorm recalibration.
 
-Classification loss only: a model maps a batch to logits ``[N, C]`` (or ``[N, ..., C]`` with labels
-``[N, ...]``, as a language model does) and the loss is cross entropy. :mod:`structkit.pipeline` strings
+The default loss is classification's: a model maps a batch to logits ``[N, C]`` (or ``[N, ..., C]`` with labels
+``[N, ...]``, as a language model does) and the loss is cross entropy; a task with its own loss
+(:mod:`structkit.tasks`) passes ``batch_loss`` to :func:`train_epoch`. :mod:`structkit.pipeline` strings
 these together with checkpoints and the output folder.
 
 Devices: every function here runs on the device of the model's parameters and moves each batch there
@@ -52,8 +53,15 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device``; host -> GPU copies are queued without waiting (``non_blocking``)."""
+def _to(t: Any, device: torch.device) -> Any:
+    """``t`` on ``device``; host -> GPU copies are queued without waiting (``non_blocking``). Dicts, lists and
+    tuples of tensors (a task's batch) are moved item by item."""
+    if isinstance(t, dict):
+        return {k: _to(v, device) for k, v in t.items()}
+    if isinstance(t, (list, tuple)):
+        return type(t)(_to(v, device) for v in t)
+    if not isinstance(t, torch.Tensor):
+        return t
     return t if t.device == device else t.to(device, non_blocking=device.type == "cuda")
 
 
@@ -76,29 +84,36 @@ def _grad_probe(grads: list[torch.Tensor]) -> torch.Tensor:
 def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, *, epoch: int,
                 precision: str = "fp32", on_step: Callable[[int, float], None] | None = None,
                 device: torch.device | str | None = None,
-                loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> float:
+                loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                batch_loss: Callable[[nn.Module, Any], tuple[torch.Tensor, int]] | None = None) -> float:
     """One pass over ``loader``; returns the mean training loss (weighted by batch size).
 
     Batches go to ``device`` (default: the model's device). Raises :class:`NonFiniteError` (a RuntimeError)
     naming the epoch and step when the loss or a gradient is not finite, before the solver step (the weights
     stay those of the last good step). One host sync per step (the loss and the gradient probe, read together);
     under torchrun one more, the collective on the batch size. ``loss_fn(logits, x, y)`` replaces the cross
-    entropy (fine-tuning with distillation uses it)."""
+    entropy (fine-tuning with distillation uses it). ``batch_loss(model, batch) -> (loss, examples)`` replaces the
+    forward pass and the loss altogether (a task's loss, :mod:`structkit.tasks`; it runs under the autocast)."""
     device = torch.device(device) if device is not None else _model_device(model)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     model.train()
     total, seen = 0.0, 0
-    for step, (x, y) in enumerate(loader, start=1):
-        x, y = _to(x, device), _to(y, device)
+    for step, batch in enumerate(loader, start=1):
         optimizer.zero_grad(set_to_none=True)
-        with autocast(precision, device.type):
-            logits = model(x)
-        loss = _loss(logits, y) if loss_fn is None else loss_fn(logits, x, y)
+        if batch_loss is not None:
+            with autocast(precision, device.type):
+                loss, n = batch_loss(model, _to(batch, device))
+        else:
+            x, y = _to(batch[0], device), _to(batch[1], device)
+            n = len(y)
+            with autocast(precision, device.type):
+                logits = model(x)
+            loss = _loss(logits, y) if loss_fn is None else loss_fn(logits, x, y)
         scale = 1.0
         if distributed.is_distributed():  # one collective: global batch size, and whether any rank went non-finite
             value = loss.item()
-            count, bad_ranks = distributed.all_sum(float(len(y)), 0.0 if math.isfinite(value) else 1.0)
-            scale = distributed.world_size() * len(y) / count  # DDP's average of these = the global batch mean
+            count, bad_ranks = distributed.all_sum(float(n), 0.0 if math.isfinite(value) else 1.0)
+            scale = distributed.world_size() * n / count  # DDP's average of these = the global batch mean
             if bad_ranks and math.isfinite(value):
                 value = float("nan")
             if not math.isfinite(value):
@@ -114,8 +129,8 @@ def train_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optim
                 raise NonFiniteError(f"non-finite gradient of {bad[0]} at epoch {epoch}, step {step}; training "
                                      f"stopped before the bad step changed any weight. {_REMEDY}", epoch, step)
         optimizer.step()
-        total += value * len(y)
-        seen += len(y)
+        total += value * n
+        seen += n
         if on_step is not None:
             on_step(step, value)
     total, seen = distributed.all_sum(total, float(seen))

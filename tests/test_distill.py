@@ -1,11 +1,10 @@
-"""structkit.distill on a tiny randomly initialised BERT (no pretrained weights, no downloads): heads + FFN groups,
-exact pruning, save/load, magnitude reference, distillation steps, quality metrics, ONNX with a dynamic sequence
-axis, the config file, and the whole run end to end (when Jane Austen's novels are installed)."""
+"""The sentence-distillation task's parts (structkit/tasks/sentence*.py, magnitude.py) on a tiny randomly initialised
+BERT (no pretrained weights, no downloads): heads + FFN groups, exact pruning, save/load, the magnitude reference,
+distillation steps through the pipeline's train_epoch, quality metrics, ONNX with a dynamic sequence axis. The whole
+run through structkit.pipeline (with resume) is in tests/test_tasks.py."""
 from __future__ import annotations
 
 import copy
-import json
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +12,10 @@ import pytest
 import torch
 
 import structkit
-from structkit import distill
 from structkit.solvers import RAMDA, StageScheduler
+from structkit.tasks import sentence as distill
+from structkit.tasks.magnitude import magnitude_prune, sizes_to_prune_to
+from structkit.training import train_epoch
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,9 +57,17 @@ def inputs(batch: int = 3, length: int = 9, seed: int = 0) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": mask}
 
 
+RULES = [{"kind": "heads"}, {"kind": "channels", "select": "*intermediate.dense", "types": ["Linear"]}]
+
+
+def group_encoder(model, x, lam: float):
+    """The groups configs/minilm.yaml declares: every attention head, every FFN neuron."""
+    return structkit.group_parameters(model, x, [{**r, "lam": lam} for r in RULES])
+
+
 def test_heads_and_ffn_groups_prune_exactly_save_and_reload(tmp_path):
     model, x = tiny_bert(), inputs()
-    gs = distill.group_encoder(model, x, lam=1e-3)
+    gs = group_encoder(model, x, lam=1e-3)
     kinds = {b.label: (b.kind, b.num_groups) for b in gs.blocks}
     assert kinds == {"encoder.layer.0.attention.self": ("heads", 4), "encoder.layer.1.attention.self": ("heads", 4),
                      "encoder.layer.0.intermediate.dense": ("channels", 64),
@@ -81,6 +90,11 @@ def test_heads_and_ffn_groups_prune_exactly_save_and_reload(tmp_path):
     loaded = structkit.load_slim(tmp_path / "slim.pt")
     assert distill.layer_sizes(loaded) == {"heads": [2, 1], "ffn": [32, 24]}
     assert structkit.verify(slim, loaded, x) == 0.0
+    # the magnitude reference reads a structured run's sizes from its slim.pt
+    assert sizes_to_prune_to(str(tmp_path)) == ([2, 1], [32, 24])
+    assert sizes_to_prune_to({"heads": [1, 2], "ffn": [3, 4]}) == ([1, 2], [3, 4])
+    with pytest.raises(ValueError, match="prune_to must be"):
+        sizes_to_prune_to(str(tmp_path / "nowhere"))
 
 
 def test_magnitude_prune_keeps_the_largest_heads_and_neurons():
@@ -91,7 +105,7 @@ def test_magnitude_prune_keeps_the_largest_heads_and_neurons():
             lin.weight[8:16] *= 10
         model.encoder.layer[0].intermediate.dense.weight[5] *= 10
     reference = copy.deepcopy(model)
-    distill.magnitude_prune(model, x, heads_kept=[1, 3], ffn_kept=[1, 48])
+    magnitude_prune(model, x, heads_kept=[1, 3], ffn_kept=[1, 48])
     assert distill.layer_sizes(model) == {"heads": [1, 3], "ffn": [1, 48]}
     torch.testing.assert_close(model.encoder.layer[0].attention.self.query.weight,
                                reference.encoder.layer[0].attention.self.query.weight[8:16])
@@ -102,7 +116,9 @@ def test_magnitude_prune_keeps_the_largest_heads_and_neurons():
         assert distill.SentenceEmbedder(model)(**x).shape == (3, 32)
 
 
-def test_distillation_steps_lower_the_loss():
+def test_distillation_steps_through_train_epoch_lower_the_loss():
+    from structkit.setup import make_solver
+    from structkit.tasks.sentence_data import BatchStream
     teacher = tiny_bert(seed=0)
     student = copy.deepcopy(teacher)
     with torch.no_grad():  # a perturbed student has something to learn
@@ -122,13 +138,23 @@ def test_distillation_steps_lower_the_loss():
         return float(distill.distillation_loss(distill.encode(student, batches, len(texts)), target))
 
     before = loss()
-    gs = distill.group_encoder(student, batches[0][1], lam=1e-5)
-    opt = RAMDA(distill._trainable_param_groups(gs.param_groups()), lr=1e-3, momentum=0.5)
-    history = distill.train_student(student, target, batches, opt, StageScheduler(opt, milestones=[20]), 30,
-                                    log_every=10, dropout=False, groupset=gs)
-    assert [h["step"] for h in history] == [10, 20, 30]
-    assert all(len(h["heads_kept"]) == 2 and len(h["ffn_kept"]) == 2 for h in history)
+    gs = group_encoder(student, batches[0][1], lam=1e-5)
+    opt = RAMDA([{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in gs.param_groups()],
+                lr=1e-3, momentum=0.5)
+    frozen = student.embeddings.word_embeddings.weight.clone()
+    stream, task = BatchStream(batches, target, per_epoch=3), distill.SentenceDistillation()
+    scheduler = StageScheduler(opt, milestones=[4])
+    for epoch in range(1, 7):  # 6 epochs of 3 steps: the stream wraps around the 6 batches
+        stream.set_epoch(epoch)
+        train_epoch(student, stream, opt, epoch=epoch, batch_loss=task.batch_loss)
+        scheduler.step()
     assert loss() < 0.7 * before
+    assert torch.equal(student.embeddings.word_embeddings.weight, frozen)
+    # the pipeline's solver leaves frozen parameters out
+    config = structkit.config.Config(model={"name": "mlp"}, data={"name": "digits"},
+                                     structure=[{"kind": "channels", "lam": 1e-4}], optimizer={"milestones": [4]})
+    solver, _ = make_solver(config, gs)
+    assert all(p.requires_grad for g in solver.param_groups for p in g["params"])
 
 
 def test_losses_and_quality_metrics():
@@ -145,90 +171,22 @@ def test_losses_and_quality_metrics():
 
 
 def test_onnx_export_has_dynamic_batch_and_sequence(tmp_path):
+    """The export the task makes (encoder + pooling, dynamic batch and sequence axes) runs at other shapes."""
+    from types import SimpleNamespace
     from structkit.deploy import ort_session
     model, x = tiny_bert(), inputs()
-    gs = distill.group_encoder(model, x, lam=1e-3)
+    gs = group_encoder(model, x, lam=1e-3)
     gs.zero_(gs.groups_of("encoder.layer.1.attention.self")[:2])
     slim, _ = structkit.prune(model, gs, x)
-    rows = {"input_ids": np.random.default_rng(0).integers(5, len(WORDS) + 5, (4, 24)), "attention_mask": np.ones((4, 24), np.int64)}
-    dep = distill.validate_config({"deploy": {"batch_sizes": [1, 3], "runs": 2, "warmup": 1, "seq_len": 24,
-                                              "graph_optimization": "all"}})["deploy"]
-    result = distill.export_and_time(model, slim, tmp_path, dep, x, rows)
-    assert result["latency"]["3"]["speedup"] > 0 and result["latency"]["protocol"]["seq_len"] == 24
+    rows = {"input_ids": np.random.default_rng(0).integers(5, len(WORDS) + 5, (4, 24)),
+            "attention_mask": np.ones((4, 24), np.int64)}
+    task = distill.SentenceDistillation()
+    task.bench_inputs = lambda setup: (lambda b: {k: v[:b] for k, v in rows.items()})
+    info = task.export(SimpleNamespace(example_inputs=x), slim, tmp_path / "slim.onnx", opset=18,
+                       exporter="torchscript")
+    assert info["max_abs_diff"] < 1e-4 and info["max_abs_diff_at_seq_len"] < 1e-4
     session = ort_session(tmp_path / "slim.onnx")
     with torch.no_grad():
         want = distill.SentenceEmbedder(slim)(**{k: torch.from_numpy(v[:3, :17]) for k, v in rows.items()}).numpy()
     got = session.run(None, {k: v[:3, :17] for k, v in rows.items()})[0]  # another batch and sequence length
     np.testing.assert_allclose(got, want, atol=1e-5)
-
-
-def test_config_file_parses_and_validates():
-    cfg = distill.load_config(ROOT / "configs" / "minilm.yaml")
-    assert cfg["task"] == "sentence_distillation" and cfg["optimizer"]["name"] == "ramda"
-    assert cfg["deploy"]["seq_len"] == 128 and cfg["deploy"]["batch_sizes"] == [1, 32]
-    assert all(0 < m < cfg["train"]["steps"] for m in cfg["optimizer"]["milestones"])
-    cfg = distill.load_config(ROOT / "configs" / "minilm.yaml", ["structure.lam=2e-4", "optimizer.name=ProxGen"])
-    assert cfg["structure"]["lam"] == 2e-4 and cfg["optimizer"]["name"] == "proxgen"
-    with pytest.raises(ValueError, match="did you mean 'steps'"):
-        distill.validate_config({"train": {"step": 10}})
-    with pytest.raises(ValueError, match="milestones"):
-        distill.validate_config({"train": {"steps": 10}, "optimizer": {"milestones": [10]}})
-    with pytest.raises(ValueError, match="structured needs a structkit solver"):
-        distill.validate_config({"optimizer": {"name": "adamw"}})
-    with pytest.raises(ValueError, match="magnitude.heads_kept"):
-        distill.validate_config({"method": "magnitude"})
-
-
-def test_train_device_is_validated_and_cuda_without_cuda_fails_first(tmp_path, monkeypatch):
-    assert distill.validate_config({})["train"]["device"] == "auto"
-    assert distill.validate_config({"train": {"device": "CUDA:1"}})["train"]["device"] == "cuda:1"
-    with pytest.raises(ValueError, match="train.device must be auto, cpu, cuda or cuda:N"):
-        distill.validate_config({"train": {"device": "gpu"}})
-    from structkit.device import DeviceError
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(DeviceError, match="CUDA is not available"):
-        distill.run_sentence_distillation({"train": {"device": "cuda"}}, tmp_path / "run", log=lambda m: None)
-    assert not (tmp_path / "run").exists()
-
-
-def _austen_available() -> bool:
-    try:
-        from structkit.text import AUSTEN_DB
-        import rdata  # noqa: F401
-    except ImportError:
-        return False
-    return AUSTEN_DB.with_suffix(".rdb").exists()
-
-
-@pytest.mark.skipif(not _austen_available(), reason="Jane Austen's novels (r-cran-janeaustenr + rdata) not installed")
-def test_run_sentence_distillation_end_to_end(tmp_path):
-    """The whole job on a tiny random BERT saved to disk with a word-level vocabulary: every report field."""
-    folder = tmp_path / "tiny"
-    tiny_bert(layers=2).save_pretrained(folder)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    cfg = {"model": {"path": str(folder)}, "structure": {"lam": 1e-2},
-           "optimizer": {"lr": 1e-3, "momentum": 0.5, "milestones": [2]},
-           "train": {"steps": 4, "batch_size": 4, "log_every": 2, "precision": "fp32"}, "finetune": {"steps": 2},
-           "data": {"held_out": 12, "teacher_cache": str(tmp_path / "cache.pt")},
-           "deploy": {"seq_len": 16, "batch_sizes": [1, 2], "runs": 2, "warmup": 0, "graph_optimization": "all",
-                      "keep_onnx": False}}
-    report = distill.run_sentence_distillation(cfg, tmp_path / "run", log=lambda message: None)
-    saved = json.loads((tmp_path / "run" / "report.json").read_text())
-    assert saved["summary"] == json.loads(json.dumps(report["summary"]))
-    s = report["summary"]
-    assert len(s["heads_kept"]) == 2 and s["params"] <= report["dense"]["params"]
-    assert {"b1_speedup", "b2_speedup", "cosine_mean", "cosine_p5", "retrieval_agreement"} <= set(s)
-    assert report["prune"]["verify_max_abs_diff"] <= report["prune"]["verify_tolerance"]
-    assert report["prune"]["max_abs_diff_vs_trained_embeddings"] < 1e-5 and "finetune" in report
-    assert not (tmp_path / "run" / "dense.onnx").exists() and (tmp_path / "run" / "slim.pt").exists()
-    assert (tmp_path / "cache.pt").exists()
-    # the magnitude reference at the sizes the structured run reached, from its report
-    ref = distill.run_sentence_distillation({**cfg, "method": "magnitude",
-                                             "magnitude": {"from_report": str(tmp_path / "run" / "report.json")},
-                                             "optimizer": {"name": "adamw", "lr": 1e-3, "momentum": None,
-                                                           "milestones": [2]}},
-                                            tmp_path / "mag", log=lambda message: None)
-    assert ref["slim"]["heads"] == report["slim"]["heads"] and ref["slim"]["ffn"] == report["slim"]["ffn"]
-    assert "quality_before_training" in ref
