@@ -18,7 +18,7 @@ marked ``# structkit``. Three things matter when handing a structkit solver to t
 
 The model is initialised with ``initializer_range=0.2`` instead of BERT's 0.02: from weights that small, group
 lasso zeroes every group before training has found which ones matter (a pretrained model, as in
-``structkit.distill``, does not have that problem).
+``structkit run configs/minilm.yaml``, does not have that problem).
 """
 from __future__ import annotations
 
