@@ -1,5 +1,10 @@
 """``structkit run``: config -> trained, verified, exported and measured slim model, in one output folder.
 
+One pipeline for every task (the config's ``task``: classification, causal_lm, sentence_distillation; see
+:mod:`structkit.tasks`): the task supplies data, model, loss, metrics and the example inputs; the stages below,
+the solver, resume, DDP, pruning, fine-tuning, export and the report are the same for all of them. "Test
+accuracy" below is the task's lead metric (cosine_mean for sentence distillation, perplexity for a causal LM).
+
 Stages (each also a CLI command), and what each one leaves in the output folder ``out``::
 
     train     checkpoints/epoch_NNNN.pt (atomic, one per epoch), metrics.jsonl, config.yaml, run_info.json
