@@ -119,17 +119,18 @@ def cost_factors(model: nn.Module, groupset, example_inputs: Any, *, metric: str
 
 class LamController:
     """Adapts the lam of every group-lasso param group of ``solver`` until the structure it identifies meets
-    ``target`` (module docstring). Call :meth:`after_step` after every solver step."""
+    ``target`` (module docstring). Call :meth:`after_step` after every solver step. Costs are counted without
+    ``round_to`` (a smooth signal; rounding is the final selection's job)."""
 
     def __init__(self, solver, groupset, model: nn.Module, example_inputs: Any, *, metric: str, target: float,
-                 tolerance: float, check_every: int, round_to: int | None):
+                 tolerance: float, check_every: int):
         if metric not in ("macs", "params", "latency"):
             raise ValueError(f"metric must be macs, params or latency; got {metric!r}")
         self.solver, self.groupset, self.model = solver, groupset, model
         self.example_inputs = example_inputs
         self.metric = "macs" if metric == "latency" else metric  # latency: MACs steer training (a proxy)
         self.target, self.tolerance = float(target), float(tolerance)
-        self.check_every, self.round_to = int(check_every), round_to
+        self.check_every = int(check_every)
         self.groups = [g for g in solver.param_groups if g.get("regularizer") == "group_lasso"]
         if not self.groups:
             raise ValueError("compress.target adapts the lam of group-lasso groups (kinds channels and heads), and "
@@ -141,14 +142,17 @@ class LamController:
         if step % self.check_every == 0:
             self.check()
 
+    def _ratio(self, ids) -> float:
+        _, removal = removal_cost(self.model, self.groupset, self.example_inputs, ids, round_to=None)
+        return removal.ratio(self.metric)
+
     @torch.no_grad()
     def check(self) -> dict[str, Any]:
         """Measure the identified structure's cost ratio and update lam; returns what it saw and did."""
-        flags = self.groupset.solver_zero_flags(self.solver)
-        _, removal = removal_cost(self.model, self.groupset, self.example_inputs, flags.nonzero().flatten(),
-                                  round_to=self.round_to)
-        ratio = removal.ratio(self.metric)
-        factor = lam_factor(ratio, self.target, self.tolerance)
+        margins = self.groupset.solver_margins(self.solver)
+        flags = margins <= 1 if margins is not None else self.groupset.solver_zero_flags(self.solver)
+        ratio = self._ratio(flags.nonzero().flatten())
+        factor = lam_factor(ratio, self.target, self.tolerance) if margins is None else self._margin_factor(margins)
         if factor != 1.0:
             for group in self.groups:
                 group["lam"] *= factor
@@ -157,10 +161,49 @@ class LamController:
         self.checks.append([round(ratio, 4), self.groups[0]["lam"]])
         return self.last
 
+    def _margin_factor(self, margins: torch.Tensor) -> float:
+        """Dual averaging: lam x m zeroes exactly the groups with margin <= m, so the multiplier that makes the
+        identified structure cost ``(1 + tolerance) r*`` is read off the sorted margins -- the largest ``k`` whose
+        removal keeps the ratio >= the aim, by bisection on ``k`` (each block's largest-margin group is never
+        counted: no layer is cut) -- and ``m`` lies between the ``k``-th and ``(k+1)``-th margin. lam moves by
+        ``sqrt(m)`` (damped: the margins drift as the stage goes on), at most x2 either way."""
+        aim = (1 + self.tolerance) * self.target
+        candidates = protect_largest(self.groupset, margins) & torch.isfinite(margins)
+        order = torch.argsort(torch.where(candidates, margins, math.inf), stable=True)[:int(candidates.sum())]
+        lo, hi = 0, len(order)  # invariant: ratio(lo) >= aim (ratio(0) = 1, nothing removed); ratio(hi) < aim?
+        if hi == 0:
+            return 1.0
+        if self._ratio(order) >= aim:
+            lo = hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._ratio(order[:mid]) >= aim:
+                lo = mid
+            else:
+                hi = mid
+        k = lo
+        values = margins[order]
+        if k == 0:
+            m = float(values[0]) * 0.99
+        elif k == len(order):
+            m = float(values[-1]) * 1.01
+        else:
+            m = math.sqrt(float(values[k - 1]) * float(values[k]))
+        return min(max(math.sqrt(m), 1 / DOWN_FACTOR), DOWN_FACTOR)
+
     def epoch_summary(self) -> dict[str, Any]:
         """The last check, and ``checks``: [ratio, lam] of every check since the previous summary."""
         out, self.checks = {**self.last, "checks": self.checks}, []
         return out
+
+
+def protect_largest(groupset, scores: torch.Tensor) -> torch.Tensor:
+    """False for the largest-``scores`` group of every block (never removed: that would cut the layer), True else."""
+    allowed = torch.ones(len(scores), dtype=torch.bool)
+    for block in groupset.blocks:
+        ids = groupset.groups_of(block)
+        allowed[ids[scores[ids].argmax()]] = False
+    return allowed
 
 
 @dataclass
@@ -198,10 +241,7 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
     n_zero = int((rms == 0).sum())
     # the largest group of every block is never added: removing all of a layer's channels (or heads) cuts the
     # network; it goes last in the order, after every other candidate
-    protected = torch.zeros(len(rms), dtype=torch.bool)
-    for block in groupset.blocks:
-        ids = groupset.groups_of(block)
-        protected[ids[rms[ids].argmax()]] = True
+    protected = ~protect_largest(groupset, rms)
     order = torch.argsort(torch.where(protected & (rms > 0), math.inf, rms), stable=True)
     candidates = len(rms) - int((protected & (rms > 0)).sum())
     dense = copy.deepcopy(model).cpu().eval()
@@ -280,7 +320,7 @@ def controller_for(config, solver, setup, steps_per_epoch: int) -> LamController
     if c.target is None:
         return None
     return LamController(solver, setup.groupset, setup.model, setup.example_inputs[:2], metric=c.target.metric,
-                         target=c.target.ratio, tolerance=c.tolerance, round_to=config.prune.round_to,
+                         target=c.target.ratio, tolerance=c.tolerance,
                          check_every=max(1, steps_per_epoch // c.checks_per_epoch))
 
 

@@ -158,6 +158,9 @@ class _Groups:
     def solver_zero_flags(self, solver):
         return self.flags
 
+    def solver_margins(self, solver):
+        return None  # as for a proximal solver: the controller steps lam by the band rule
+
 
 def test_controller_raises_holds_and_lowers_lam(monkeypatch):
     """The band is [target, (1 + 2 tol) target] = [0.6, 0.66]: above it lam rises by ratio / 0.66 (at most 1.15,
@@ -169,7 +172,7 @@ def test_controller_raises_holds_and_lowers_lam(monkeypatch):
     monkeypatch.setattr(target_mod, "removal_cost",
                         lambda *a, **k: (None, Removal(100.0, 100.0 * next(ratios), 10, 10)))
     ctl = LamController(solver, _Groups(torch.zeros(len(gs), dtype=torch.bool)), model, x, metric="macs",
-                        target=0.6, tolerance=0.05, check_every=3, round_to=None)
+                        target=0.6, tolerance=0.05, check_every=3)
     lam = lambda: solver.param_groups[0]["lam"]  # noqa: E731
     expected = 1e-3
     ctl.after_step(1)  # not a check step
@@ -210,12 +213,35 @@ def test_cost_factors_charge_high_resolution_channels_more():
     assert torch.equal(weighted.rms().sort().values, gs.rms().sort().values)
 
 
+def test_margin_controller_reads_the_lam_that_meets_the_target():
+    """RAMDA: lam x m zeroes exactly the groups whose margin is <= m; the controller's (undamped) multiplier makes
+    the identified structure cost just above (1 + tol) x target, one more group would go below it."""
+    model = _cnn()
+    gs, x = _groups(model, lam=1e-3)
+    solver = RAMDA(gs.param_groups(), lr=1e-2, momentum=0.1)
+    _train(model, solver, 20)
+    margins = gs.solver_margins(solver)
+    assert margins is not None and torch.equal(margins <= 1, gs.solver_zero_flags(solver))
+    ctl = LamController(solver, gs, model, x, metric="macs", target=0.5, tolerance=0.05, check_every=1)
+    f = ctl._margin_factor(margins)
+    assert 0.5 <= f <= 2.0
+    m = f * f
+    assert 0.25 < m < 4, "this state needs an unclipped step (m = 3.0 measured)"
+    for g in ctl.groups:
+        g["lam"] *= m
+    flags = gs.solver_zero_flags(solver)
+    assert torch.equal(flags, margins <= m)
+    assert ctl._ratio(flags.nonzero().flatten()) >= 0.5 * 1.05
+    # a proximal solver has no margins: the controller falls back to the band rule
+    prox = ProxGen(gs.param_groups(), lr=1e-3)
+    assert gs.solver_margins(prox) is None
+
+
 def test_controller_needs_group_lasso():
     model = _cnn()
     solver = RAMDA([{"params": list(model.parameters()), "regularizer": "l1", "lam": 1e-3}])
     with pytest.raises(ValueError, match="channels or heads rule"):
-        LamController(solver, None, model, None, metric="macs", target=0.5, tolerance=0.05, check_every=1,
-                      round_to=None)
+        LamController(solver, None, model, None, metric="macs", target=0.5, tolerance=0.05, check_every=1)
 
 
 def _config(**compress):

@@ -187,27 +187,50 @@ class StructuredOptimizer(Optimizer):
         """Per param group, a boolean per group (layout order, on the group's device): True where the point the
         solver moves the iterate to is exactly zero in that group; None for unregularized param groups.
 
-        For proximal solvers (ProxSGD, ProxGen) that point is the iterate itself. The dual-averaging solvers
-        (RAMDA, RMDA) override it with the subproblem's solution at the current dual state, found by the
-        regularizer's exact screening rule (zero iff ``||d z||_g <= tau w_g`` for the group lasso), which is
-        nonzero only while the averaging momentum is below 1: this is the structure the run is identifying,
-        long before the iterate reaches it. One pass over the state; meant for occasional checks (e.g. the
-        ``compress.target`` controller), not every step."""
+        For proximal solvers (ProxSGD, ProxGen) that point is the iterate itself. For the dual-averaging solvers
+        (RAMDA, RMDA) it is the subproblem's solution at the current dual state, found by the regularizer's exact
+        screening rule (zero iff ``||d z||_g <= tau w_g`` for the group lasso; else the stored proximal-gradient
+        solution's zeros), which is nonzero only while the averaging momentum is below 1: the structure the run is
+        identifying, long before the iterate reaches it. One pass over the state; meant for occasional checks
+        (e.g. the ``compress.target`` controller), not every step."""
         out: list[torch.Tensor | None] = []
         for group in self.param_groups:
             reg = get_regularizer(group["regularizer"])
             if not group["params"] or reg.name == "none":
                 out.append(None)
                 continue
-            layout = self._layout(group)
-            flags = self._zero_target(group, self._flat_state(group), layout, reg)
+            layout, state = self._layout(group), self._flat_state(group)
+            point = self._screen_point(group, state)
+            flags = reg.screen(*point, layout) if point is not None else None
+            if flags is None and "W_hat" in state:
+                flags = layout.max(state["W_hat"].abs()) == 0
             if flags is None:
                 flags = layout.max(layout.flatten(group["params"]).abs()) == 0
             out.append(flags)
         return out
 
-    def _zero_target(self, group, state, layout, reg) -> torch.Tensor | None:
-        """Zero flags of the subproblem's solution, if the solver has a separate one (None: the iterate's)."""
+    @torch.no_grad()
+    def zero_margins(self) -> list[torch.Tensor | None]:
+        """Per group-lasso param group of a dual-averaging solver, ``kappa_g = ||d z||_g / (tau w_g)`` per group:
+        the group is zero in the subproblem's solution iff ``kappa_g <= 1``, and multiplying lam by ``m`` zeroes
+        exactly the groups with ``kappa_g <= m`` (at the current dual state). None elsewhere (no such margin:
+        proximal solvers, other regularizers, a stage with no step yet)."""
+        out: list[torch.Tensor | None] = []
+        for group in self.param_groups:
+            reg = get_regularizer(group["regularizer"])
+            point = self._screen_point(group, self._flat_state(group)) \
+                if group["params"] and reg.name == "group_lasso" else None
+            if point is None:
+                out.append(None)
+                continue
+            z, d, tau = point
+            layout = self._layout(group)
+            out.append(layout.norms(d * z) / (tau * layout.weights))
+        return out
+
+    def _screen_point(self, group, state) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(z, d, tau)`` of the subproblem ``min 1/2 ||y - z||_d^2 + tau psi(y)`` whose solution the solver moves
+        the iterate to, for solvers that have one (None: the iterate itself is that point)."""
         return None
 
     # ---- stage-wise restarts ----

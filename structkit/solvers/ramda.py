@@ -73,14 +73,10 @@ class RAMDA(DualAveragingOptimizer):
                 state["W_hat"] = w_hat.clone()
         self._average(group, params, w_hat, layout, t)
 
-    def _zero_target(self, group, state, layout, reg):
-        """Zero groups of ``W_hat`` at the current dual state: the regularizer's exact screening of
-        ``z = W0 - V / P`` in the metric ``P`` (else the stored proximal-gradient solution's zeros)."""
+    def _screen_point(self, group, state):
+        """``(W0 - V / P, P, alpha lam)`` at the current dual state (P recomputed from U)."""
         tau = state.get("alpha", 0.0) * group["lam"]
         if "V" not in state or tau == 0:
             return None
         P = torch.log2(state["U"]).mul_(1 / 3).exp2_().add_(group["eps"])
-        flags = reg.screen(torch.addcdiv(state["W0"], state["V"], P, value=-1), P, tau, layout)
-        if flags is None and "W_hat" in state:
-            flags = layout.max(state["W_hat"].abs()) == 0
-        return flags
+        return torch.addcdiv(state["W0"], state["V"], P, value=-1), P, tau

@@ -31,10 +31,10 @@ class RMDA(DualAveragingOptimizer):
         reg.prox_(w_tilde, state["alpha"] * group["lam"] / beta, layout)
         self._average(group, params, w_tilde, layout, t)
 
-    def _zero_target(self, group, state, layout, reg):
-        """Zero groups of ``W_tilde`` at the current dual state (the regularizer's exact screening rule)."""
+    def _screen_point(self, group, state):
+        """``(W0 - V / sqrt(t), 1, alpha lam / sqrt(t))`` at the current dual state (the prox's scalar metric)."""
         if "V" not in state or state["alpha"] * group["lam"] == 0:
             return None
         beta = math.sqrt(state["step"])
         z = torch.add(state["W0"], state["V"], alpha=-1 / beta)
-        return reg.screen(z, torch.ones_like(z), state["alpha"] * group["lam"] / beta, layout)
+        return z, torch.ones_like(z), state["alpha"] * group["lam"] / beta

@@ -8,6 +8,7 @@ layout reduction over all of its groups at once (no Python loop over groups).
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -259,17 +260,26 @@ class GroupSet:
         """Global zero flags (bool, CPU) of the structure ``solver`` is heading for
         (:meth:`~structkit.solvers.base.StructuredOptimizer.identified_zeros`); ``solver`` must have been built on
         :meth:`param_groups` of this set (the first param groups are this set's, in order)."""
-        flags = solver.identified_zeros()
-        if len(solver.param_groups) < len(self._groups):
-            raise ValueError(f"the solver has {len(solver.param_groups)} param groups, this GroupSet "
-                             f"{len(self._groups)}; build the solver on groupset.param_groups().")
-        out = []
-        for g, pg, f in zip(self._groups, solver.param_groups, flags):
-            if len(pg["params"]) != len(g.names):
-                raise ValueError("the solver's param groups are not this GroupSet's (different tensors); build the "
-                                 "solver on groupset.param_groups().")
-            out.append(torch.zeros(g.num_groups, dtype=torch.bool) if f is None else f.cpu())
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+        parts = self._per_group(solver, solver.identified_zeros())
+        return torch.cat([torch.zeros(g.num_groups, dtype=torch.bool) if f is None else f.cpu()
+                          for g, f in zip(self._groups, parts)]) if parts else torch.zeros(0, dtype=torch.bool)
+
+    def solver_margins(self, solver) -> torch.Tensor | None:
+        """Global zero margins (float64, CPU) of ``solver``'s group-lasso groups
+        (:meth:`~structkit.solvers.base.StructuredOptimizer.zero_margins`; inf for groups of other regularizers),
+        or None when a group-lasso param group has none (proximal solvers, a stage before its first step)."""
+        parts = self._per_group(solver, solver.zero_margins())
+        if any(m is None and g.regularizer == "group_lasso" for g, m in zip(self._groups, parts)):
+            return None
+        return torch.cat([torch.full((g.num_groups,), math.inf, dtype=torch.float64) if m is None else m.double().cpu()
+                          for g, m in zip(self._groups, parts)])
+
+    def _per_group(self, solver, values: list) -> list:
+        if len(solver.param_groups) < len(self._groups) or any(
+                len(pg["params"]) != len(g.names) for g, pg in zip(self._groups, solver.param_groups)):
+            raise ValueError(f"the solver's param groups ({len(solver.param_groups)}) are not this GroupSet's "
+                             f"({len(self._groups)}); build the solver on groupset.param_groups().")
+        return values[:len(self._groups)]
 
     @torch.no_grad()
     def zero_(self, indices, model: nn.Module | None = None) -> GroupSet:
