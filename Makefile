@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 AUSTEN := /usr/lib/R/site-library/janeaustenr/data/Rdata.rdb
 APT_DATA := dataset-fashion-mnist r-cran-janeaustenr
 
-.PHONY: setup data quickstart test test-fast clean
+.PHONY: setup data quickstart quickstart-target test test-fast clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ data:
 
 quickstart: setup data
 	$(BIN)/structkit run configs/quickstart.yaml --out runs/quickstart --resume
+
+# the quickstart aimed at half the dense MACs (compress.target), 3 training + 1 fine-tuning epochs
+quickstart-target: setup data
+	$(BIN)/structkit run configs/quickstart_target.yaml --out runs/quickstart_target --resume
 
 test: setup data
 	$(BIN)/python -m pytest -q

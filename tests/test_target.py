@@ -299,3 +299,13 @@ def test_pipeline_reaches_a_macs_target(tmp_path):
     assert len(lams) > 1, "the controller adapts lam"
     saved = torch.load(out / "checkpoints" / "epoch_0006.pt", weights_only=True)
     assert saved["optimizer"]["param_groups"][0]["lam"] == records[-1]["target"]["lam"], "lam is saved for resume"
+
+
+def test_shipped_target_config_validates():
+    """configs/quickstart_target.yaml (the README's `make quickstart-target`) asks for half the MACs, fine-tunes,
+    and keeps the budget of the quickstart (4 epochs in all)."""
+    from structkit.config import load_config
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "quickstart_target.yaml")
+    assert cfg.compress.target.metric == "macs" and cfg.compress.target.ratio == 0.5
+    assert cfg.finetune.epochs == 1 and cfg.finetune.distill
+    assert cfg.schedule.epochs + cfg.finetune.epochs == 4
