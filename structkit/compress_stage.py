@@ -93,7 +93,8 @@ def _finetune(folder: RunFolder, config: Config, setup: Setup, dense: nn.Module,
     train_loader, val_loader, _ = task.loaders(setup, seed=s.seed + 7, stage="finetune")
     key = {"training_hash": training_hash(config), "finetune": f.model_dump(mode="json"),
            "round_to": config.prune.round_to}
-    log(f"fine-tuning the slim model: {f.epochs} epoch(s), AdamW lr {f.lr:g} with cosine decay"
+    log(f"fine-tuning the slim model: {f.epochs} epoch(s), AdamW lr {f.lr:g} "
+        + ("with cosine decay" if f.lr_schedule == "cosine" else "constant")
         + (f", distilled from the dense model (T {f.temperature:g}, alpha {f.alpha:g})" if f.distill else ""))
     t0 = time.perf_counter()
     recalibration = recalibration_batches(setup)
