@@ -152,8 +152,15 @@ def _find_fashion_files(root: Path) -> dict[tuple[str, str], Path] | None:
 
 @register_dataset("fashion_mnist")
 def fashion_mnist(root: str | Path = "/usr/share/datasets/fashion-mnist", val_fraction: float = 0.1,
-                  seed: int = 0, limit_train: int | None = None, download: bool = False) -> Splits:
+                  seed: int = 0, limit_train: int | None = None, download: bool = False, size: int | None = None,
+                  channels: int = 1) -> Splits:
     """Fashion-MNIST: 28x28 grey images of 10 kinds of clothing; input shape (1, 28, 28).
+
+    ``size=n`` resizes every image to n x n by bilinear interpolation (``torch.nn.functional.interpolate``,
+    ``align_corners=False``, antialiased when shrinking) before normalisation, e.g. ``size: 32`` for models built
+    for CIFAR-sized inputs; ``None`` (default) or 28 keeps the originals. ``channels=3`` repeats the grey channel
+    (for torchvision models, which expect RGB); the per-channel mean and std are then equal. The input shape
+    becomes ``(channels, size, size)``.
 
     The official 10k test split is kept as is; the validation split is ``val_fraction`` of the 60k training
     images, chosen by a permutation seeded with ``seed`` (both splits keep the file order, so
@@ -164,6 +171,12 @@ def fashion_mnist(root: str | Path = "/usr/share/datasets/fashion-mnist", val_fr
     torchvision's downloader into ``root`` when they are missing (needs a network).
     """
     check_fraction("val_fraction", val_fraction)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 4 <= size <= 1024):
+        raise ValueError(f"size must be an integer between 4 and 1024 (the side of the resized square images, e.g. "
+                         f"32), or None for the original 28x28; got {size!r}.")
+    if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive integer (1: grey, 3: the grey channel repeated for RGB "
+                         f"models); got {channels!r}.")
     root = Path(root)
     paths = _find_fashion_files(root)
     if paths is None and download:
@@ -197,7 +210,11 @@ def fashion_mnist(root: str | Path = "/usr/share/datasets/fashion-mnist", val_fr
 
     def scaled(split: str, idx: np.ndarray | None = None) -> np.ndarray:
         x = arrays[split, "images"] if idx is None else arrays[split, "images"][idx]
-        return (x.astype(np.float32) / 255.0)[:, None, :, :]
+        x = (x.astype(np.float32) / 255.0)[:, None, :, :]
+        if size is not None and size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(torch.from_numpy(x), size=(size, size), mode="bilinear",
+                                                align_corners=False, antialias=size < x.shape[-1]).numpy()
+        return np.repeat(x, channels, axis=1) if channels > 1 else x
 
     images = {"train": scaled("train", train_idx), "val": scaled("train", val_idx), "test": scaled("test")}
     labels = {"train": arrays["train", "labels"][train_idx], "val": arrays["train", "labels"][val_idx],
