@@ -22,12 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..registry import Registry
+
 __all__ = ["Task", "register_task", "get_task", "list_tasks"]
 
 #: built-in task name -> "module:class", imported on first use (the sentence task needs transformers)
 _BUILTIN = {"classification": "structkit.tasks:Task", "causal_lm": "structkit.tasks.causal_lm:CausalLM",
             "sentence_distillation": "structkit.tasks.sentence:SentenceDistillation"}
-_TASKS: dict[str, type] = {}
+_TASKS: Registry[type] = Registry("task", how="subclass structkit.tasks.Task and register it with "
+                                                "@structkit.tasks.register_task(name)")
 
 
 class Task:
@@ -99,29 +102,27 @@ class Task:
         return make_inputs
 
 
-def register_task(name: str) -> Callable[[type], type]:
-    """Class decorator: make a :class:`Task` subclass available as ``task: name``."""
-    def decorator(cls: type) -> type:
-        _TASKS[name] = cls
-        return cls
-    return decorator
+def register_task(name: str, *, replace: bool = False) -> Callable[[type], type]:
+    """Class decorator: make a :class:`Task` subclass available as ``task: name`` (a taken name is refused unless
+    ``replace``)."""
+    return _TASKS.register(name, replace=replace)
 
 
 def list_tasks() -> list[str]:
-    return sorted(set(_BUILTIN) | set(_TASKS))
+    return sorted(set(_BUILTIN) | set(_TASKS.names()))
 
 
 def get_task(name: str) -> Task:
     """The task called ``name`` (imports a built-in task's module on first use). ValueError for an unknown name."""
     if name not in _TASKS and name in _BUILTIN:
         module, cls = _BUILTIN[name].split(":")
-        _TASKS[name] = getattr(importlib.import_module(module), cls)
+        _TASKS.add(name, getattr(importlib.import_module(module), cls))
     if name not in _TASKS:
         import difflib
         close = difflib.get_close_matches(name, list_tasks(), n=1)
         raise ValueError(f"unknown task {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                          f"accepted: {', '.join(list_tasks())}")
-    return _TASKS[name]()
+    return _TASKS.get(name)()
 
 
 def check_task(name: str) -> str:
