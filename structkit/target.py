@@ -5,17 +5,21 @@ latency as a ratio ``r*`` of the dense model's -- and the run finds the regulari
 the solver is identifying, :meth:`StructuredOptimizer.identified_zeros` (for RAMDA and RMDA the zero groups of the
 subproblem's solution at the current dual state; for ProxGen and ProxSGD the iterate's), measures the exact cost
 ratio ``r`` of the model with those groups removed (:func:`removal_cost`: a CPU copy pruned by the same
-dependency-graph pruner and ``round_to`` as the final model, counted by torch-pruning), and multiplies the lam of
-every group-lasso param group by the factor :func:`lam_factor` gives: it aims at a band just above the target,
-``[r*, (1 + 2 tolerance) r*]``, raising lam gently above it (at most 1.15 per check; 1.5 while no structure is
-identified yet) and lowering it fast below ``r*`` (at most 2 per check), because the final selection can remove
-more groups but never bring one back. Dual averaging recomputes its solution from the whole dual state every step,
-so a group zeroed by too large a lam comes back when lam drops: the controller can correct an overshoot. (For latency targets the controller steers
+dependency-graph pruner as the final model, without ``round_to``, counted by torch-pruning), and multiplies the lam of
+every group-lasso param group by a factor. For RAMDA and RMDA it is read off the dual state
+(:meth:`LamController._margin_factor`): lam x m zeroes exactly the groups whose margin
+``||d z||_g / (tau w_g)`` is <= m, so the ``m`` whose structure costs ``(1 + 4 tolerance) r*`` is found by
+bisection over the sorted margins, and lam moves by ``sqrt(m)`` (at most x2). It aims above the target because
+the identified structure keeps growing after a check and a channel that went to zero rarely comes back (its
+gradient dies at the ReLU); the final selection takes the last step. Proximal solvers have no margins:
+:func:`lam_factor` steps lam towards the band ``[r*, (1 + 2 tolerance) r*]`` (up at most x1.15 per check,
+x1.5 while nothing is identified; down at most x2). (For latency targets the controller steers
 the MACs ratio, a proxy; the final selection measures latency.) lam lives in the solver's param groups, so it is
 saved with the optimizer state and a resumed run continues with the adapted value.
 
 **After training** :func:`select_groups` removes exactly the groups needed: the groups in order of their RMS
-(:meth:`GroupSet.rms`; the exact zeros first; the largest group of each block never, so no layer is cut), and the
+(:meth:`GroupSet.rms`, divided by the layer's cost factor; the exact zeros first; the largest group of each block
+never, so no layer is cut), and the
 fewest ``k`` of them whose removal meets the target,
 found by bisection on ``k`` (the cost does not increase with ``k``). Groups beyond the exact zeros are set to
 zero in the trained model (a projection, reported as such); the pruner then removes them exactly, verified
