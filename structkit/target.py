@@ -30,6 +30,7 @@ below the target the model is.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import tempfile
 from collections.abc import Callable
@@ -176,20 +177,13 @@ class LamController:
         counted: no layer is cut) -- and ``m`` lies between the ``k``-th and ``(k+1)``-th margin. lam moves by
         ``sqrt(m)`` (damped: the margins drift as the stage goes on), at most x2 either way."""
         aim = (1 + AIM_MARGIN * self.tolerance) * self.target
-        candidates = protect_largest(self.groupset, margins) & torch.isfinite(margins)
+        candidates = removable(self.groupset, margins) & torch.isfinite(margins)
         order = torch.argsort(torch.where(candidates, margins, math.inf), stable=True)[:int(candidates.sum())]
-        lo, hi = 0, len(order)  # invariant: ratio(lo) >= aim (ratio(0) = 1, nothing removed); ratio(hi) < aim?
-        if hi == 0:
+        if len(order) == 0:
             return 1.0
-        if self._ratio(order) >= aim:
-            lo = hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if self._ratio(order[:mid]) >= aim:
-                lo = mid
-            else:
-                hi = mid
-        k = lo
+        # ratio(0) = 1 (nothing removed) is taken to meet the aim; k: the most groups whose removal still does
+        below_aim = lambda k: self._ratio(order[:k]) < aim  # noqa: E731
+        k = len(order) if not below_aim(len(order)) else first_meeting(0, len(order), below_aim) - 1
         values = margins[order]
         if k == 0:
             m = float(values[0]) * 0.99
@@ -205,7 +199,19 @@ class LamController:
         return out
 
 
-def protect_largest(groupset, scores: torch.Tensor) -> torch.Tensor:
+def first_meeting(lo: int, hi: int, meets: Callable[[int], bool]) -> int:
+    """The smallest ``k`` in ``(lo, hi]`` with ``meets(k)``, by bisection: ``meets`` is monotone in ``k``, false at
+    ``lo`` and true at ``hi`` (neither end is evaluated)."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def removable(groupset, scores: torch.Tensor) -> torch.Tensor:
     """False for the largest-``scores`` group of every block (never removed: that would cut the layer), True else."""
     allowed = torch.ones(len(scores), dtype=torch.bool)
     for block in groupset.blocks:
@@ -249,12 +255,13 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
     n_zero = int((rms == 0).sum())
     # the largest group of every block is never added: removing all of a layer's channels (or heads) cuts the
     # network; it goes last in the order, after every other candidate
-    protected = ~protect_largest(groupset, rms)
+    protected = ~removable(groupset, rms)
     order = torch.argsort(torch.where(protected & (rms > 0), math.inf, rms), stable=True)
     candidates = len(rms) - int((protected & (rms > 0)).sum())
-    dense = copy.deepcopy(model).cpu().eval()
+    dense = copy.deepcopy(model).cpu().eval() if metric == "latency" else None
 
-    def reached(k: int) -> float:
+    @functools.lru_cache(maxsize=None)
+    def reached(k: int) -> float:  # each k measured once
         slim, removal = removal_cost(model, groupset, example_inputs, order[:k], round_to=round_to)
         return latency(dense, slim) if metric == "latency" else removal.ratio(metric)
 
@@ -272,15 +279,9 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
             k, r = hi, r_hi
             note = (f"removing every group but the largest of each layer reaches only {r:.3f} > {target:.3f}: the "
                     "declared structure cannot reach the target (declare more layers, or aim higher)")
-        else:
-            while hi - lo > 1:  # invariant: reached(lo) > target >= reached(hi)
-                mid = (lo + hi) // 2
-                r_mid = reached(mid)
-                if r_mid <= target:
-                    hi, r_hi = mid, r_mid
-                else:
-                    lo = mid
-            k, r = hi, r_hi
+        else:  # reached(lo) > target >= reached(hi)
+            k = first_meeting(lo, hi, lambda k: reached(k) <= target)
+            r = reached(k)
             if r < (1 - tolerance) * target:
                 note = (f"the nearest removable step reaches {r:.3f}, more than {tolerance:.0%} below "
                         f"{target:.3f} (round_to={round_to} moves widths in steps; a smaller round_to is finer)")
