@@ -89,7 +89,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.defaults import ADAMW, SOLVERS  # noqa: E402  (after the sys.path line)
 
 TP_METHODS = ("tp_magnitude", "tp_taylor", "tp_groupnorm")
-SK_METHODS = ("ramda", "proxgen")
+SK_METHODS = ("ramda", "proxgen", "ramda_fixed")
+#: structkit variants: a method name -> (solver, config changes on top of the common config)
+SK_VARIANTS = {"ramda": ("ramda", {}), "proxgen": ("proxgen", {}),
+               # RAMDA with averaging momentum 0.5 and compress.final_stage fixed (structkit/fixed_stage.py)
+               "ramda_fixed": ("ramda", {"optimizer": {"momentum": 0.5}, "compress": {"final_stage": "fixed"}})}
 METHODS = SK_METHODS + TP_METHODS
 MODELS = {
     "cnn": {"model": {"name": "cnn", "options": {"widths": [32, 32, 64, 64, 128], "pool_after": [2, 4]}},
@@ -426,10 +430,11 @@ def run_tp(args, model: str, seed: int, methods: list[str], targets: list[float]
 def structkit_config(args, model: str, method: str, target: float, seed: int) -> dict:
     """The config a user would write for this row (see the module docstring)."""
     spec = MODELS[model]
-    return {
+    solver, changes = SK_VARIANTS[method]
+    config = {
         "model": copy.deepcopy(spec["model"]),
         "data": {"name": "fashion_mnist", "options": data_options(args, model)},
-        "optimizer": {"name": method, **SOLVERS[method], "milestones": [args.epochs - 1], "gamma": 0.1},
+        "optimizer": {"name": solver, **SOLVERS[solver], "milestones": [args.epochs - 1], "gamma": 0.1},
         "schedule": {"epochs": args.epochs, "batch_size": spec["batch_size"], "seed": seed, "threads": args.threads,
                      "bn_recalibration_batches": RECAL_BATCHES},
         "structure": [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": START_LAM}],
@@ -438,6 +443,9 @@ def structkit_config(args, model: str, method: str, target: float, seed: int) ->
         "finetune": {"epochs": args.ft_epochs, **FINETUNE},
         "deploy": {"batch_sizes": [64], "threads": 2, "warmup": args.warmup, "runs": args.runs},
     }
+    for section, values in changes.items():
+        config[section].update(values)
+    return config
 
 
 def run_structkit(args, model: str, seed: int, methods: list[str], targets: list[float], jpath: Path) -> None:
@@ -576,7 +584,7 @@ def markdown_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"ramda": "tab:red", "proxgen": "tab:green", "tp_magnitude": "tab:orange", "tp_taylor": "tab:blue",
+COLORS = {"ramda": "tab:red", "ramda_fixed": "tab:purple", "proxgen": "tab:green", "tp_magnitude": "tab:orange", "tp_taylor": "tab:blue",
           "tp_groupnorm": "tab:purple", "dense": "black"}
 
 
@@ -696,7 +704,8 @@ def main(argv=None) -> int:
                 "batch_size": MODELS[model]["batch_size"], "finetune": FINETUNE, "round_to": ROUND_TO,
                 "global_pruning": not args.uniform, "groupnorm_reg": GROUPNORM_REG,
                 "taylor_batches": TAYLOR_BATCHES, "dense_optimizer": {"name": "adamw", **ADAMW},
-                "solvers": {m: SOLVERS[m] for m in SK_METHODS}, "start_lam": START_LAM,
+                "solvers": {m: {**SOLVERS[SK_VARIANTS[m][0]], "changes": SK_VARIANTS[m][1]} for m in SK_METHODS},
+                "start_lam": START_LAM,
                 "data": {"name": "fashion_mnist", "options": data_options(args, model)},
                 **{k: v for k, v in data["meta"].get(model, {}).items() if k in ("seeds_note", "epoch_timing")}}
             data["meta"].setdefault("commands", [])

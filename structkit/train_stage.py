@@ -23,6 +23,7 @@ from . import distributed
 from .device import describe as describe_device, resolve as resolve_device
 from .run_folder import RunFolder, checkpoint_to_resume, save_checkpoint, set_rng_state, write_metrics, write_report
 from .setup import Log, Setup, build, make_solver, recalibration_batches, seed_everything
+from .fixed_stage import fixed_stage_for
 from .target import controller_for, cost_weighted
 from .training import NonFiniteError, recalibrate_batchnorm, train_epoch
 
@@ -81,6 +82,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
             f"{s.batch_size}")
     solver, scheduler = make_solver(config, groupset, steps_per_epoch=len(train_loader), paper_ramp=task.paper_ramp)
     controller = controller_for(config, solver, setup, len(train_loader))  # compress.target: adapts lam
+    fixed = fixed_stage_for(config, setup, solver, model)  # compress.final_stage: fixed
     recal = recalibration_batches(setup, device)  # in-memory data: moved once, reused
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
@@ -106,12 +108,16 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
 
     for epoch in range(start_epoch + 1, s.epochs + 1):
         t0 = time.perf_counter()
+        if fixed is not None:
+            fixed.begin_epoch(epoch, log)
+        if controller is not None and not (fixed is not None and fixed.active):
+            controller.begin_epoch(epoch)
         bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{s.epochs}", disable=log.quiet, leave=True,
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
         def on_step(step: int, loss: float) -> None:
             bar.update(1)
-            if controller is not None:
+            if controller is not None and not (fixed is not None and fixed.active):
                 controller.after_step(step)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -154,6 +160,8 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
                             inner=f"{stats.get('mean_inner_iters', 0.0):.1f}", refresh=False)
         finally:
             bar.close()
+    if fixed is not None:
+        fixed.close()
     if start_epoch == s.epochs:
         log(f"training already complete ({s.epochs} epochs)")
     if not main:

@@ -228,6 +228,18 @@ class GroupSet:
             flags.append((layout.max(flat.abs()) == 0).cpu())
         return flags
 
+    def entries(self, flags: list[torch.Tensor], model: nn.Module | None):
+        """``(name, tensor, mask)`` for every tensor of the param groups with a flagged group (``flags``: per param
+        group, one bool per group, as :meth:`zero_flags` gives): ``mask`` is True at the flagged groups' entries."""
+        for g, f in zip(self._groups, flags):
+            if not f.any():
+                continue
+            tensors = self._tensors(g, model)
+            layout = g.layout(tensors)
+            f = f.to(layout.device)
+            entries = layout.expand(f) if layout.ids is not None else f
+            yield from zip(g.names, tensors, layout.split(entries))
+
     def block_zero_flags(self, model: nn.Module | None = None) -> list[tuple[Block, torch.Tensor]]:
         """Every block with its groups' zero flags (see :meth:`zero_flags`)."""
         return self._by_block(self.zero_flags(model))
@@ -290,17 +302,8 @@ class GroupSet:
             raise IndexError(f"group ids must lie in [0, {self._len}); got range [{int(idx.min())}, {int(idx.max())}].")
         chosen = torch.zeros(self._len, dtype=torch.bool)
         chosen[idx] = True
-        start = 0
-        for g in self._groups:
-            mask = chosen[start:start + g.num_groups]
-            start += g.num_groups
-            if not mask.any():
-                continue
-            tensors = self._tensors(g, model)
-            layout = g.layout(tensors)
-            entries = layout.expand(mask.to(layout.device)) if layout.ids is not None else mask.to(layout.device)
-            for p, m in zip(tensors, layout.split(entries)):
-                p.masked_fill_(m, 0)
+        for _, p, mask in self.entries(list(chosen.split([g.num_groups for g in self._groups])), model):
+            p.masked_fill_(mask, 0)
         return self
 
     def metrics(self) -> dict[str, Any]:

@@ -1,0 +1,83 @@
+"""``compress.final_stage: fixed`` -- the final stage of a ``compress.target`` run trains the selected structure.
+
+A regularized final stage (``compress.final_stage: regularized``, the default) keeps the group lasso on until the
+end, so every group that survives is still shrunk towards zero by ``tau w_g / ||W_g||``, and the final selection
+(:func:`structkit.target.select_groups`) may project more groups to zero after training. With ``fixed``:
+
+1. at the start of the final stage (the epoch after the last milestone; the last epoch without milestones) the
+   groups the target needs are chosen exactly as the final selection chooses them (the exact zeros, then the smallest
+   RMS per cost factor, never a layer's last group) and set to exactly zero;
+2. the dual state restarts at that point (RAMDA/RMDA: the stage's start point must hold the zeros), the
+   regularizer's lam goes to 0, so the surviving groups train unshrunk (RAMDA becomes MADGRAD, ProxGen Adam), and
+3. the chosen groups stay exactly zero: their gradients are masked (so no solver state builds up on them) and they
+   are set to zero again after every solver step.
+
+The training therefore ends at the target with exact zeros, the pruner removes them with nothing projected, and the
+identification phase (the stages before) is what the regularizer is for. A resumed run finds the fixed groups as
+the exactly-zero groups of its checkpoint, so it continues the same way.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .target import selection_for, target_summary
+
+__all__ = ["FixedFinalStage", "fixed_stage_for"]
+
+
+class FixedFinalStage:
+    """Call :meth:`begin_epoch` before every training epoch and :meth:`close` when training ends."""
+
+    def __init__(self, config, setup, solver, model: nn.Module):
+        self.config, self.setup, self.solver, self.model = config, setup, solver, model
+        milestones = config.optimizer.milestones
+        self.first_epoch = milestones[-1] + 1 if milestones else config.schedule.epochs
+        self.active = False
+        self._handles: list[Any] = []
+
+    def begin_epoch(self, epoch: int, log=print) -> None:
+        if self.active or epoch < self.first_epoch:
+            return
+        groupset = self.setup.groupset
+        if epoch == self.first_epoch:  # the stage starts here (also when a run resumes at this epoch)
+            selection = selection_for(self.config, self.setup)
+            groupset.zero_(selection.added_ids)
+            log(f"compress.final_stage fixed, from epoch {epoch}: {target_summary(selection)}; lam 0 from here on")
+            for group in self.solver.param_groups:
+                if group.get("regularizer") not in (None, "none"):
+                    group["lam"] = 0.0
+            ramp = self.solver.param_groups[0]
+            if hasattr(self.solver, "restart"):  # the dual state restarts at the point with the zeros
+                self.solver.restart(1.0, momentum_ramp=ramp.get("momentum_ramp", False), ramp_steps=ramp.get("ramp_steps"))
+        self._fix(groupset.entries(groupset.zero_flags(self.model), self.model))
+
+    def _fix(self, entries) -> None:
+        """Keep the entries of the exactly-zero groups at zero (``entries``: :meth:`GroupSet.entries`)."""
+        params = dict(self.model.named_parameters())
+        fixed = [(params[name], mask) for name, _, mask in entries]
+        for p, mask in fixed:
+            self._handles.append(p.register_hook(lambda g, m=mask: g.masked_fill(m, 0)))
+
+        @torch.no_grad()
+        def rezero(*_):
+            for p, mask in fixed:
+                p.masked_fill_(mask, 0)
+
+        self._handles.append(self.solver.register_step_post_hook(rezero))
+        self.active = True
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.active = [], False
+
+
+def fixed_stage_for(config, setup, solver, model: nn.Module) -> FixedFinalStage | None:
+    """The run's :class:`FixedFinalStage`, or None (no target, or ``compress.final_stage: regularized``)."""
+    c = config.compress
+    if c.target is None or c.final_stage != "fixed":
+        return None
+    return FixedFinalStage(config, setup, solver, model)
