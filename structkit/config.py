@@ -104,11 +104,6 @@ class Config(Section):
         if not lasso or not all((r.lam or 0) > 0 for r in lasso):
             raise ValueError("compress.target adapts the lam of channels/heads rules (group lasso), starting from their "
                              "lam: declare at least one such rule, each with lam > 0 (e.g. lam: 1.0e-4)")
-        warmup, stage = self.compress.warmup_epochs, max(self.optimizer.milestones or [self.schedule.epochs])
-        if warmup >= stage:
-            raise ValueError(f"compress.warmup_epochs is {warmup}, but the warm-up must end before the final stage "
-                             f"(epoch {stage + 1} of {self.schedule.epochs} starts it): the controller sets lam from "
-                             f"the dual state the warm-up built, which the final stage restarts; use at most {stage - 1}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -154,7 +149,6 @@ def training_view(data: dict[str, Any]) -> dict[str, Any]:
     # runs made before they existed still resume
     for section, key, ignore in (("data", "num_workers", lambda v: True), ("data", "split", lambda v: v is None),
                                  ("model", "init", lambda v: v == "random"),
-                                 ("compress", "warmup_epochs", lambda v: v == 0),
                                  ("compress", "final_stage", lambda v: v == "regularized")):
         part = view.get(section)
         if isinstance(part, dict) and key in part and ignore(part[key]):

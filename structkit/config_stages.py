@@ -95,8 +95,6 @@ class CompressConfig(Section):
     tolerance: float = Field(0.05, gt=0, lt=1, description="how far below the target the reached ratio may be")
     checks_per_epoch: int = Field(8, ge=1, description="how often per epoch the lam controller measures the "
                                                        "identified structure and adapts lam")
-    warmup_epochs: int = Field(0, ge=0, description="epochs trained with lam held near 0 before the controller "
-                               "sets it from the structure the solver ranks (RAMDA/RMDA: straight to the target)")
     final_stage: Literal["regularized", "fixed"] = Field(
         "regularized", description="fixed: at the start of the final stage the groups the target needs are set to "
         "zero and kept there, and the rest trains with lam 0 (structkit/fixed_stage.py)")

@@ -15,8 +15,7 @@ gradient dies at the ReLU); the final selection takes the last step. Proximal so
 :func:`lam_factor` steps lam towards the band ``[r*, (1 + 2 tolerance) r*]`` (up at most x1.15 per check,
 x1.5 while nothing is identified; down at most x2). (For latency targets the controller steers
 the MACs ratio, a proxy; the final selection measures latency.) lam lives in the solver's param groups, so it is
-saved with the optimizer state and a resumed run continues with the adapted value. With ``compress.warmup_epochs``
-lam is held near 0 for those epochs and then set in one step (:meth:`LamController.begin_epoch`); with
+saved with the optimizer state and a resumed run continues with the adapted value. With
 ``compress.final_stage: fixed`` the final stage trains the selected structure with lam 0 (:mod:`structkit.fixed_stage`).
 
 **After training** :func:`select_groups` removes exactly the groups needed: the groups in order of their RMS
@@ -54,7 +53,6 @@ AIM_MARGIN = 4       # the margin rule aims at (1 + 4 tolerance) x target: ident
                      # check (the stage's start point fades, near-zero channels lose their gradient), and a group
                      # removed too early rarely comes back; the final selection takes the last step (measured on
                      # the quickstart CNN at macs 0.5: aiming at 1.05 x target ended at 0.40, at 1.2 x at 0.51)
-WARMUP_SCALE = 1e-6  # lam during compress.warmup_epochs, relative to its start: the dual state's margins stay finite
 DOWN_FACTOR = 2.0    # the most lam falls in one check: removing too much is what hurts (the final selection can
                      # remove more groups, never add one back), so an overshoot is corrected fast
 
@@ -135,7 +133,7 @@ class LamController:
     ``round_to`` (a smooth signal; rounding is the final selection's job)."""
 
     def __init__(self, solver, groupset, model: nn.Module, example_inputs: Any, *, metric: str, target: float,
-                 tolerance: float, check_every: int, warmup_epochs: int = 0):
+                 tolerance: float, check_every: int):
         if metric not in ("macs", "params", "latency"):
             raise ValueError(f"metric must be macs, params or latency; got {metric!r}")
         self.solver, self.groupset, self.model = solver, groupset, model
@@ -143,7 +141,6 @@ class LamController:
         self.metric = "macs" if metric == "latency" else metric  # latency: MACs steer training (a proxy)
         self.target, self.tolerance = float(target), float(tolerance)
         self.check_every = int(check_every)
-        self.warmup_epochs, self.epoch = int(warmup_epochs), 0
         self.groups = [g for g in solver.param_groups if g.get("regularizer") == "group_lasso"]
         if not self.groups:
             raise ValueError("compress.target adapts the lam of group-lasso groups (kinds channels and heads), and "
@@ -151,30 +148,8 @@ class LamController:
         self.last: dict[str, Any] = {}
         self.checks: list[list[float]] = []
 
-    def begin_epoch(self, epoch: int) -> None:
-        """Call before every training epoch (1-based). During the first ``warmup_epochs`` epochs the group-lasso lam
-        is held at ``WARMUP_SCALE`` times its starting value (the solver trains as if unregularized, and the dual
-        state still ranks the groups) and nothing is checked. Before the first epoch after them lam is set: for
-        RAMDA/RMDA straight to the value whose identified structure costs the aim (:meth:`_margin_multiplier`, no
-        cap), for proximal solvers back to its starting value. The starting value is kept in the param groups
-        (``lam_start``) until then, so a run resumed anywhere continues the same way."""
-        self.epoch = epoch
-        if epoch <= self.warmup_epochs:
-            for group in self.groups:
-                group.setdefault("lam_start", group["lam"])
-                group["lam"] = group["lam_start"] * WARMUP_SCALE
-            return
-        if not any("lam_start" in group for group in self.groups):
-            return
-        margins = self.groupset.solver_margins(self.solver)
-        multiplier = self._margin_multiplier(margins) if margins is not None else None
-        for group in self.groups:
-            start = group.pop("lam_start")
-            group["lam"] = group["lam"] * multiplier if multiplier is not None else start
-        self.checks.append([None, self.groups[0]["lam"]])
-
     def after_step(self, step: int) -> None:
-        if self.epoch > self.warmup_epochs and step % self.check_every == 0:
+        if step % self.check_every == 0:
             self.check()
 
     def _ratio(self, ids) -> float:
@@ -361,7 +336,7 @@ def controller_for(config, solver, setup, steps_per_epoch: int) -> LamController
         return None
     return LamController(solver, setup.groupset, setup.model, setup.example_inputs[:2], metric=c.target.metric,
                          target=c.target.ratio, tolerance=c.tolerance,
-                         check_every=max(1, steps_per_epoch // c.checks_per_epoch), warmup_epochs=c.warmup_epochs)
+                         check_every=max(1, steps_per_epoch // c.checks_per_epoch))
 
 
 def selection_for(config, setup) -> Selection:

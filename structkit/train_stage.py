@@ -110,8 +110,6 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
         t0 = time.perf_counter()
         if fixed is not None:
             fixed.begin_epoch(epoch, log)
-        if controller is not None and not (fixed is not None and fixed.active):
-            controller.begin_epoch(epoch)
         bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{s.epochs}", disable=log.quiet, leave=True,
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 

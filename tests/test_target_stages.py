@@ -1,81 +1,14 @@
-"""compress.warmup_epochs and compress.final_stage: fixed (structkit/target.py, structkit/fixed_stage.py)."""
+"""compress.final_stage: fixed (structkit/fixed_stage.py)."""
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-import structkit
-from structkit import target as target_mod
-from structkit.config import training_hash, validate
-from structkit.solvers import RAMDA, ProxGen
-from structkit.target import LamController
+from structkit.config import training_hash, training_view, validate
 
 DIGITS = Path(__file__).resolve().parents[1] / "configs" / "digits.yaml"
-
-
-def _cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 5))
-
-
-def _train(model, solver, steps, controller=None, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(1, steps + 1):
-        x = torch.randn(16, 3, 8, 8, generator=gen)
-        y = torch.randint(0, 5, (16,), generator=gen)
-        solver.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        solver.step()
-        if controller is not None:
-            controller.after_step(step)
-
-
-def _setup(solver_cls, **kw):
-    model = _cnn()
-    x = torch.randn(4, 3, 8, 8)
-    gs = structkit.group_parameters(model, x, [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": 1e-3}])
-    solver = solver_cls(gs.param_groups(), **kw)
-    ctl = LamController(solver, gs, model, x, metric="macs", target=0.5, tolerance=0.05, check_every=1,
-                        warmup_epochs=1)
-    return model, gs, solver, ctl
-
-
-def test_warmup_holds_lam_then_sets_it_to_the_aim():
-    """During the warm-up lam is WARMUP_SCALE x its start (a resumed warm-up does not scale it twice) and nothing is
-    checked; then RAMDA's lam jumps to the value whose identified structure costs the aim, read off the margins."""
-    model, gs, solver, ctl = _setup(RAMDA, lr=1e-2, momentum=0.1)
-    ctl.begin_epoch(1)
-    ctl.begin_epoch(1)  # as a run resumed inside the warm-up does
-    assert solver.param_groups[0]["lam"] == pytest.approx(1e-3 * target_mod.WARMUP_SCALE)
-    _train(model, solver, 20, ctl)
-    assert ctl.checks == [], "no checks during the warm-up"
-    assert not gs.solver_zero_flags(solver).any(), "the warm-up trains as if unregularized"
-    ctl.begin_epoch(2)
-    assert "lam_start" not in solver.param_groups[0]
-    flags = gs.solver_zero_flags(solver)
-    aim = 0.5 * (1 + target_mod.AIM_MARGIN * 0.05)
-    ratio = ctl._ratio(flags.nonzero().flatten())
-    assert aim <= ratio < 1, f"the jump identifies a structure at the aim {aim:.2f}: {ratio:.3f}"
-    # one more margin step would cross the aim: the jump is the largest structure that meets it
-    margins = gs.solver_margins(solver)
-    nxt = margins[(margins > 1) & torch.isfinite(margins) & target_mod.removable(gs, margins)].min()
-    assert ctl._ratio((margins <= nxt).nonzero().flatten()) < aim
-    lam = solver.param_groups[0]["lam"]
-    ctl.begin_epoch(3)
-    assert solver.param_groups[0]["lam"] == lam, "after the jump only checks move lam"
-
-
-def test_warmup_of_a_proximal_solver_restores_the_start_lam():
-    _, _, solver, ctl = _setup(ProxGen, lr=1e-3)
-    ctl.begin_epoch(1)
-    assert solver.param_groups[0]["lam"] == pytest.approx(1e-9)
-    ctl.begin_epoch(2)
-    assert solver.param_groups[0]["lam"] == 1e-3
 
 
 def _digits(**compress):
@@ -86,17 +19,13 @@ def _digits(**compress):
     return data
 
 
-def test_config_checks_warmup_and_final_stage():
-    assert validate(_digits(warmup_epochs=1, final_stage="fixed")).compress.final_stage == "fixed"
-    with pytest.raises(ValueError, match="warm-up must end before the final stage"):
-        validate(_digits(warmup_epochs=2))
+def test_config_checks_final_stage():
+    assert validate(_digits(final_stage="fixed")).compress.final_stage == "fixed"
     with pytest.raises(ValueError, match="final_stage"):
         validate(_digits(final_stage="frozen"))
-    # the defaults leave the training hash of runs made before these fields existed unchanged
-    plain = _digits()
-    assert training_hash(validate(_digits(warmup_epochs=0, final_stage="regularized"))) == \
-        training_hash(validate(plain))
-    assert training_hash(validate(_digits(final_stage="fixed"))) != training_hash(validate(plain))
+    # at its default the field is left out of the training view, so runs made before it existed still resume
+    assert "final_stage" not in training_view(validate(_digits()).to_dict())["compress"]
+    assert training_hash(validate(_digits(final_stage="fixed"))) != training_hash(validate(_digits()))
 
 
 def test_fixed_final_stage_trains_the_target_structure(tmp_path):
