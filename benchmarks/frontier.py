@@ -1,5 +1,6 @@
 """Equal-budget accuracy / speed frontier: structkit (RAMDA, ProxGen, RAMDA with a fixed final stage) against
-Torch-Pruning (magnitude, Taylor, GroupNormPruner) at MACs targets of 1/1.5, 1/2 and 1/3 of the dense model (issue 14, item 5).
+Torch-Pruning (magnitude, Taylor, GroupNormPruner) at MACs targets of 1/1.5, 1/2 and 1/3 of the dense model
+(issue 14, item 5).
 
 Protocol (one row = one model, method, MACs target, seed):
 

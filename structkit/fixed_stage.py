@@ -51,7 +51,8 @@ class FixedFinalStage:
                     group["lam"] = 0.0
             ramp = self.solver.param_groups[0]
             if hasattr(self.solver, "restart"):  # the dual state restarts at the point with the zeros
-                self.solver.restart(1.0, momentum_ramp=ramp.get("momentum_ramp", False), ramp_steps=ramp.get("ramp_steps"))
+                self.solver.restart(1.0, momentum_ramp=ramp.get("momentum_ramp", False),
+                                    ramp_steps=ramp.get("ramp_steps"))
         self._fix(groupset.entries(groupset.zero_flags(self.model), self.model))
 
     def _fix(self, entries) -> None:
