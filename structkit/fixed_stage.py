@@ -7,8 +7,8 @@ end, so every group that survives is still shrunk towards zero by ``tau w_g / ||
 1. at the start of the final stage (the epoch after the last milestone; the last epoch without milestones) the
    groups the target needs are chosen exactly as the final selection chooses them (the exact zeros, then the smallest
    RMS per cost factor, never a layer's last group) and set to exactly zero;
-2. the dual state restarts at that point (RAMDA/RMDA: the stage's start point must hold the zeros), the
-   regularizer's lam goes to 0, so the surviving groups train unshrunk (RAMDA becomes MADGRAD, ProxGen Adam), and
+2. the dual state restarts at that point (RAMDA/RMDA: the stage's start point must hold the zeros), the group
+   lasso's lam (the lam the target adapts) goes to 0, so the surviving groups train unshrunk (RAMDA becomes MADGRAD, ProxGen Adam), and
 3. the chosen groups stay exactly zero: their gradients are masked (so no solver state builds up on them) and they
    are set to zero again after every solver step.
 
@@ -47,13 +47,17 @@ class FixedFinalStage:
             groupset.zero_(selection.added_ids)
             log(f"compress.final_stage fixed, from epoch {epoch}: {target_summary(selection)}; lam 0 from here on")
             for group in self.solver.param_groups:
-                if group.get("regularizer") not in (None, "none"):
+                if group.get("regularizer") == "group_lasso":  # the groups the target's controller adapts
                     group["lam"] = 0.0
             ramp = self.solver.param_groups[0]
             if hasattr(self.solver, "restart"):  # the dual state restarts at the point with the zeros
                 self.solver.restart(1.0, momentum_ramp=ramp.get("momentum_ramp", False),
                                     ramp_steps=ramp.get("ramp_steps"))
-        self._fix(groupset.entries(groupset.zero_flags(self.model), self.model))
+        # the zero groups of the group-lasso param groups (the first param groups are the GroupSet's, in order);
+        # other rules (low rank, L1) keep their own regularizer and nothing of theirs is fixed
+        flags = [f if group.get("regularizer") == "group_lasso" else torch.zeros_like(f)
+                 for f, group in zip(groupset.zero_flags(self.model), self.solver.param_groups)]
+        self._fix(groupset.entries(flags, self.model))
 
     def _fix(self, entries) -> None:
         """Keep the entries of the exactly-zero groups at zero (``entries``: :meth:`GroupSet.entries`)."""
