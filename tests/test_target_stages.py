@@ -42,6 +42,7 @@ def test_fixed_final_stage_trains_the_target_structure(tmp_path):
     report = pipeline.run(DIGITS, out, log=Log(quiet=True), overrides=overrides)
     t = report["target"]
     assert t["reached"] <= 0.4 and t["added_groups"] == 0, "the final stage ends with exactly the needed zeros"
+    assert t["within_tolerance"] or t["note"].startswith("the final stage kept the structure selected at its start")
     assert report["accuracy"].get("projected") is None
     assert report["verify"]["max_abs_diff_torch"] <= report["verify"]["tolerance_torch"]
     ckpt = {e: torch.load(out / "checkpoints" / f"epoch_{e:04d}.pt", weights_only=True) for e in (4, 5, 6)}
