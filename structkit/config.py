@@ -104,6 +104,10 @@ class Config(Section):
         if not lasso or not all((r.lam or 0) > 0 for r in lasso):
             raise ValueError("compress.target adapts the lam of channels/heads rules (group lasso), starting from their "
                              "lam: declare at least one such rule, each with lam > 0 (e.g. lam: 1.0e-4)")
+        if self.compress.final_stage == "fixed" and not self.optimizer.milestones and self.schedule.epochs < 2:
+            raise ValueError("compress.final_stage: fixed selects the structure at the start of the final stage, from "
+                             "what the epochs before it trained; with 1 epoch and no milestones there are none: use "
+                             "more epochs, or final_stage: regularized")
         return self
 
     def to_dict(self) -> dict[str, Any]:

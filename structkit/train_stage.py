@@ -146,6 +146,8 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
                       "epoch_seconds": seconds}
             if controller is not None:  # the last check of the epoch: the identified structure's cost and lam
                 record["target"] = controller.epoch_summary()
+                if fixed is not None and fixed.active:  # no checks: the structure is fixed, lam is 0
+                    record["target"].update(final_stage="fixed", lam=0.0)
             history.append(record)
             train_seconds += seconds
             if main:

@@ -23,6 +23,11 @@ def test_config_checks_final_stage():
     assert validate(_digits(final_stage="fixed")).compress.final_stage == "fixed"
     with pytest.raises(ValueError, match="final_stage"):
         validate(_digits(final_stage="frozen"))
+    one_epoch = _digits(final_stage="fixed")
+    one_epoch["optimizer"] = {"name": "proxgen"}
+    one_epoch["schedule"] = {"epochs": 1}
+    with pytest.raises(ValueError, match="with 1 epoch and no milestones"):
+        validate(one_epoch)
     # at its default the field is left out of the training view, so runs made before it existed still resume
     assert "final_stage" not in training_view(validate(_digits()).to_dict())["compress"]
     assert training_hash(validate(_digits(final_stage="fixed"))) != training_hash(validate(_digits()))
@@ -49,6 +54,8 @@ def test_fixed_final_stage_trains_the_target_structure(tmp_path):
     masks = [{k: v == 0 for k, v in ckpt[e]["model"].items() if k.endswith("weight")} for e in (4, 6)]
     kept = [json.loads(line)["kept"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert kept[3] == kept[4] == kept[5], "the structure is fixed through the final stage (epochs 4-6)"
+    records = [json.loads(line)["target"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("final_stage") for r in records] == [None] * 3 + ["fixed"] * 3
     assert all(masks[1][k][masks[0][k]].all() for k in masks[0]), "entries zero at epoch 4 stay zero"
     assert all(g["lam"] == 0 for g in ckpt[6]["optimizer"]["param_groups"][:-1])
 
