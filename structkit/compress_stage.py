@@ -42,7 +42,9 @@ def compress(out: str | Path, *, overrides: list[str] | None = None, log: Log | 
     selection = projected = None
     if config.compress.target is not None:  # remove exactly the groups the target needs (structkit/target.py)
         selection = selection_for(config, setup)
-        if config.compress.final_stage == "fixed" and selection.note.startswith("the exactly-zero groups alone"):
+        overshoot = not selection.within_tolerance and selection.added_groups == 0 and \
+            selection.reached <= selection.target  # the exact zeros alone are below the target
+        if config.compress.final_stage == "fixed" and overshoot:
             selection.note = (f"the final stage kept the structure selected at its start, which reaches "
                               f"{selection.reached:.3f}; the training log says why that is below the target")
         log(f"compress.target: {target_summary(selection)}")

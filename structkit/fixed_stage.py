@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from .target import selection_for, target_summary
 
@@ -31,8 +30,8 @@ __all__ = ["FixedFinalStage", "fixed_stage_for"]
 class FixedFinalStage:
     """Call :meth:`begin_epoch` before every training epoch and :meth:`close` when training ends."""
 
-    def __init__(self, config, setup, solver, model: nn.Module):
-        self.config, self.setup, self.solver, self.model = config, setup, solver, model
+    def __init__(self, config, setup, solver):
+        self.config, self.setup, self.solver = config, setup, solver
         milestones = config.optimizer.milestones
         self.first_epoch = milestones[-1] + 1 if milestones else config.schedule.epochs
         self.active = False
@@ -56,12 +55,12 @@ class FixedFinalStage:
         # the zero groups of the group-lasso param groups (the first param groups are the GroupSet's, in order);
         # other rules (low rank, L1) keep their own regularizer and nothing of theirs is fixed
         flags = [f if group.get("regularizer") == "group_lasso" else torch.zeros_like(f)
-                 for f, group in zip(groupset.zero_flags(self.model), self.solver.param_groups)]
-        self._fix(groupset.entries(flags, self.model))
+                 for f, group in zip(groupset.zero_flags(), self.solver.param_groups)]
+        self._fix(groupset.entries(flags, None))
 
     def _fix(self, entries) -> None:
         """Keep the entries of the exactly-zero groups at zero (``entries``: :meth:`GroupSet.entries`)."""
-        params = dict(self.model.named_parameters())
+        params = dict(self.setup.model.named_parameters())
         fixed = [(params[name], mask) for name, _, mask in entries]
         for p, mask in fixed:
             self._handles.append(p.register_hook(lambda g, m=mask: g.masked_fill(m, 0)))
@@ -80,9 +79,9 @@ class FixedFinalStage:
         self._handles, self.active = [], False
 
 
-def fixed_stage_for(config, setup, solver, model: nn.Module) -> FixedFinalStage | None:
+def fixed_stage_for(config, setup, solver) -> FixedFinalStage | None:
     """The run's :class:`FixedFinalStage`, or None (no target, or ``compress.final_stage: regularized``)."""
     c = config.compress
     if c.target is None or c.final_stage != "fixed":
         return None
-    return FixedFinalStage(config, setup, solver, model)
+    return FixedFinalStage(config, setup, solver)

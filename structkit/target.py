@@ -172,16 +172,11 @@ class LamController:
         return self.last
 
     def _margin_factor(self, margins: torch.Tensor) -> float:
-        """lam's factor at a check: ``sqrt(m)`` of :meth:`_margin_multiplier` (damped: the margins drift as the stage
-        goes on), at most x2 either way."""
-        m = self._margin_multiplier(margins)
-        return min(max(math.sqrt(m), 1 / DOWN_FACTOR), DOWN_FACTOR)
-
-    def _margin_multiplier(self, margins: torch.Tensor) -> float:
         """Dual averaging: lam x m zeroes exactly the groups with margin <= m, so the multiplier that makes the
         identified structure cost ``(1 + AIM_MARGIN tolerance) r*`` is read off the sorted margins -- the largest
         ``k`` whose removal keeps the ratio >= the aim, by bisection on ``k`` (each block's largest-margin group is never
-        counted: no layer is cut) -- and ``m`` lies between the ``k``-th and ``(k+1)``-th margin."""
+        counted: no layer is cut) -- and ``m`` lies between the ``k``-th and ``(k+1)``-th margin. lam moves by
+        ``sqrt(m)`` (damped: the margins drift as the stage goes on), at most x2 either way."""
         aim = (1 + AIM_MARGIN * self.tolerance) * self.target
         candidates = removable(self.groupset, margins) & torch.isfinite(margins)
         order = torch.argsort(torch.where(candidates, margins, math.inf), stable=True)[:int(candidates.sum())]
@@ -197,7 +192,7 @@ class LamController:
             m = float(values[-1]) * 1.01
         else:
             m = math.sqrt(float(values[k - 1]) * float(values[k]))
-        return m
+        return min(max(math.sqrt(m), 1 / DOWN_FACTOR), DOWN_FACTOR)
 
     def epoch_summary(self) -> dict[str, Any]:
         """The last check, and ``checks``: [ratio, lam] of every check since the previous summary."""

@@ -82,7 +82,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
             f"{s.batch_size}")
     solver, scheduler = make_solver(config, groupset, steps_per_epoch=len(train_loader), paper_ramp=task.paper_ramp)
     controller = controller_for(config, solver, setup, len(train_loader))  # compress.target: adapts lam
-    fixed = fixed_stage_for(config, setup, solver, model)  # compress.final_stage: fixed
+    fixed = fixed_stage_for(config, setup, solver)  # compress.final_stage: fixed
     recal = recalibration_batches(setup, device)  # in-memory data: moved once, reused
     history: list[dict[str, Any]] = []
     train_seconds = 0.0
@@ -110,12 +110,13 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
         t0 = time.perf_counter()
         if fixed is not None:
             fixed.begin_epoch(epoch, log)
+        structure_fixed = fixed is not None and fixed.active  # then the controller has nothing to adapt
         bar = tqdm(total=len(train_loader), desc=f"epoch {epoch}/{s.epochs}", disable=log.quiet, leave=True,
                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
 
         def on_step(step: int, loss: float) -> None:
             bar.update(1)
-            if controller is not None and not (fixed is not None and fixed.active):
+            if controller is not None and not structure_fixed:
                 controller.after_step(step)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -146,7 +147,7 @@ def train_keeping_setup(config: Config, out: str | Path, *, resume: bool = False
                       "epoch_seconds": seconds}
             if controller is not None:  # the last check of the epoch: the identified structure's cost and lam
                 record["target"] = controller.epoch_summary()
-                if fixed is not None and fixed.active:  # no checks: the structure is fixed, lam is 0
+                if structure_fixed:  # no checks: the structure is fixed, lam is 0
                     record["target"].update(final_stage="fixed", lam=0.0)
             history.append(record)
             train_seconds += seconds
