@@ -56,13 +56,14 @@ class Regularizer:
 
     def solve_diag(self, z: torch.Tensor, d: torch.Tensor, tau: float, layout: GroupLayout, *, rtol: float,
                    warm: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                   check: bool = True, buffer=None) -> "DiagSolution | None":
+                   check: bool = True, buffer=None, scaled: bool = False) -> "DiagSolution | None":
         """Optional fast path of the inexact solver: the same minimiser as :meth:`prox_diag`, to the stopping rule
         ``||min-norm subgradient of Q at y|| <= rtol * ||d z||`` (``rtol = 0``: to machine precision), with a
         per-group warm start ``warm`` returned by the previous call. ``out`` is a scratch buffer the result may
         be written to (it may be ``z`` itself); ``buffer(name)`` returns persistent scratch vectors of ``z``'s
-        size; ``check=False`` runs a fixed number of iterations (no host sync, for accelerators). None (the
-        default) when the regularizer has no such method."""
+        size; ``check=False`` runs a fixed number of iterations (no host sync, for accelerators);
+        ``scaled=True``: ``z`` holds ``d * z`` instead (it may then be used as scratch too). None (the default)
+        when the regularizer has no such method, and then ``z`` is left as it was."""
         return None
 
     def screen(self, z: torch.Tensor, d: torch.Tensor, tau: float, layout: GroupLayout) -> torch.Tensor | None:

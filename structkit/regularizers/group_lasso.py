@@ -64,14 +64,15 @@ class GroupLasso(Regularizer):
             return z
         return self.solve_diag(z, d, tau, layout, rtol=0.0).y
 
-    def solve_diag(self, z, d, tau, layout, *, rtol, warm=None, out=None, check=True, buffer=None):
+    def solve_diag(self, z, d, tau, layout, *, rtol, warm=None, out=None, check=True, buffer=None, scaled=False):
         """Newton on ``phi`` (module docstring) from the warm start, until the certificate is <= ``rtol ||d z||``
         (``rtol = 0``: until ``mu`` stops changing). ``out`` (may be ``z``) receives ``a = d z`` and is then a
-        scratch buffer; ``buffer(name)`` gives persistent scratch vectors (default: fresh ones)."""
+        scratch buffer (``scaled``: ``z`` already is ``a``); ``buffer(name)`` gives persistent scratch vectors
+        (default: fresh ones)."""
         if buffer is None:
             def buffer(name):
                 return torch.empty_like(z)
-        a = torch.mul(d, z, out=out if out is not None else buffer("a"))
+        a = z if scaled else torch.mul(d, z, out=out if out is not None else buffer("a"))
         den, y = buffer("den"), buffer("y")
         tiny = torch.finfo(z.dtype).tiny
         T = tau * layout.weights

@@ -31,11 +31,15 @@ class L1(Regularizer):
     def prox_diag(self, z, d, tau, layout):
         return soft_threshold(z, tau / d)
 
-    def solve_diag(self, z, d, tau, layout, *, rtol, warm=None, out=None, check=True, buffer=None):
-        """The closed form ``sign(z) max(|z| - tau / d, 0)`` in persistent buffers (exact: residual 0)."""
+    def solve_diag(self, z, d, tau, layout, *, rtol, warm=None, out=None, check=True, buffer=None, scaled=False):
+        """The closed form ``sign(z) max(|z| - tau / d, 0)`` in persistent buffers (exact: residual 0); with
+        ``scaled`` (``z`` holds ``d z``) it is ``sign(d z) max(|d z| - tau, 0) / d``."""
         if buffer is None:
             def buffer(name):
                 return torch.empty_like(z)
+        if scaled:
+            mag = torch.abs(z, out=buffer("den")).sub_(tau).clamp_min_(0).div_(d)
+            return DiagSolution(torch.copysign(mag, z, out=buffer("y")), z.new_zeros(()), 0, None, exact=True)
         shrink = torch.reciprocal(d, out=buffer("y")).mul_(tau)
         mag = torch.abs(z, out=buffer("den")).sub_(shrink).clamp_min_(0)
         return DiagSolution(torch.copysign(mag, z, out=shrink), z.new_zeros(()), 0, None, exact=True)

@@ -11,8 +11,9 @@ A structkit solver is a ``torch.optim.Optimizer``. Each param group may carry, b
 
 Per param group the state lives in flat vectors (the group's tensors end to end, under the group's first
 parameter, so ``state_dict()`` / ``load_state_dict()`` round-trip it unchanged). A step never copies the
-parameters or gradients into flat form: updates that involve them are ``torch._foreach_*`` calls over
-per-tensor views of the flat state, the rest are single kernels over the flat vectors, and per-group
+parameters into flat form: updates that involve them are ``torch._foreach_*`` calls over per-tensor views of the
+flat state (RAMDA gathers the gradients into a work vector, :meth:`_gather_grads`, for its fused pass), the rest
+are single kernels over the flat vectors, and per-group
 reductions go through :class:`~structkit.layout.GroupLayout`. Work vectors are allocated once per param
 group and reused (:meth:`StructuredOptimizer._buffer`), so a step allocates no parameter-sized memory.
 """
@@ -156,6 +157,12 @@ class StructuredOptimizer(Optimizer):
         pairs = [(v, p.grad) for p, v in zip(params, views) if p.grad is not None]
         return [v for v, _ in pairs], [g for _, g in pairs]
 
+    @staticmethod
+    def _gather_grads(params, layout, out: torch.Tensor) -> torch.Tensor:
+        """The gradients end to end in the flat ``out`` (zeros for a parameter without one)."""
+        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+        return torch.cat(grads, out=out)
+
     def _lerp_grads_(self, params, buf, layout, weight: float) -> list[torch.Tensor]:
         """``buf = (1 - weight) buf + weight g`` in place (a moving average of the gradients; a missing gradient
         counts as 0). Returns the gradients that exist."""
@@ -167,14 +174,15 @@ class StructuredOptimizer(Optimizer):
             torch._foreach_lerp_(views, grads, weight)
         return grads
 
-    def _solve(self, group, state, reg, z, d, tau, layout, warm_start):
+    def _solve(self, group, state, reg, z, d, tau, layout, warm_start, scaled=False):
         """The step's subproblem (``solve_subproblem``) at tolerance ``inner_tol / t^(0.5 + inner_delta)``, in the
-        group's persistent work vectors (``z`` is used as scratch), carrying the regularizer's warm start in
-        ``state["dual_warm"]`` (one number per group). Returns the solution and the solve's info."""
+        group's persistent work vectors (``z`` is used as scratch; ``scaled``: it holds ``d * z``), carrying the
+        regularizer's warm start in ``state["dual_warm"]`` (one number per group). Returns the solution and the
+        solve's info."""
         rtol = group["inner_tol"] / state["step"] ** (0.5 + group["inner_delta"])
         y, info = solve_subproblem(reg, z, d, tau, layout, warm_start=warm_start, rtol=rtol,
                                    max_iter=int(group["inner_max_iter"]), method=group["subproblem"],
-                                   dual_warm=state.get("dual_warm"), overwrite_z=True,
+                                   dual_warm=state.get("dual_warm"), overwrite_z=True, scaled=scaled,
                                    buffer=lambda name: self._buffer(group, "solve_" + name, z))
         self._record(info, layout.num_groups)
         if info.dual_warm is not None:

@@ -27,14 +27,19 @@ class DualAveragingOptimizer(StructuredOptimizer):
 
     _dual_keys = ("W0", "V")
 
-    def _dual_average(self, group, state, params, layout) -> tuple[int, float]:
-        """Advance the dual average by the gradients; return (t, s) of this step."""
+    def _advance(self, group, state, params, layout) -> tuple[int, float]:
+        """Count the step: ``t += 1``, ``alpha += s``; return (t, s)."""
         if not state:
             self._restart_state(group, state, params, layout)
         state["step"] += 1
         t = state["step"]
         s = group["lr"] * math.sqrt(t)
         state["alpha"] += s
+        return t, s
+
+    def _dual_average(self, group, state, params, layout) -> tuple[int, float]:
+        """Advance the dual average by the gradients; return (t, s) of this step."""
+        t, s = self._advance(group, state, params, layout)
         views, grads = self._with_grad(params, layout.split(state["V"]))
         torch._foreach_add_(views, grads, alpha=s)
         return t, s

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .dual_averaging import DualAveragingOptimizer
+from ..kernels import dual_point, dual_step
 
 
 class RAMDA(DualAveragingOptimizer):
@@ -52,19 +53,20 @@ class RAMDA(DualAveragingOptimizer):
         state.pop("dual_warm", None)
 
     def _update(self, group, state, params, layout, reg):
-        t, s = self._dual_average(group, state, params, layout)
+        t, s = self._advance(group, state, params, layout)
         V, U = state["V"], state["U"]
-        views, grads = self._with_grad(params, layout.split(U))
-        torch._foreach_addcmul_(views, grads, grads, value=s)
-        P = self._metric(U, group["eps"], out=self._buffer(group, "P", U))
-        z = torch.addcdiv(state["W0"], V, P, value=-1, out=self._buffer(group, "z", U))
+        P, z = self._buffer(group, "P", U), self._buffer(group, "z", U)
         tau = state["alpha"] * group["lam"]
+        # the gradients end to end in z (0 for a parameter without one), then V, U, P and the centre in one pass;
+        # z holds the scaled centre P z when there is a subproblem
+        self._gather_grads(params, layout, z)
+        dual_step(z, V, U, state["W0"], s, group["eps"], P, tau != 0)
         if tau == 0:
             return self._average(group, params, z, layout, t)
         # primal warm start (proximal-gradient paths): the previous step's subproblem solution, else the
         # current iterate (the averaged iterate lags behind W_hat by the momentum averaging)
         warm = state["W_hat"] if "W_hat" in state else (lambda: layout.flatten(params))
-        w_hat, info = self._solve(group, state, reg, z, P, tau, layout, warm)
+        w_hat, info = self._solve(group, state, reg, z, P, tau, layout, warm, scaled=True)
         if info.dual_warm is None and not info.exact:  # a proximal-gradient solve: its point is the next warm start
             if "W_hat" in state:
                 state["W_hat"].copy_(w_hat)
@@ -72,15 +74,12 @@ class RAMDA(DualAveragingOptimizer):
                 state["W_hat"] = w_hat.clone()
         self._average(group, params, w_hat, layout, t)
 
-    @staticmethod
-    def _metric(U: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``P = U^(1/3) + eps``; ``2^(log2(U) / 3)`` is the cube root to an ulp and about 3x cheaper than pow on CPU."""
-        return torch.log2(U, out=out).mul_(1 / 3).exp2_().add_(eps)
-
     def _screen_point(self, group, state):
         """``(W0 - V / P, P, alpha lam)`` at the current dual state (P recomputed from U)."""
         tau = state.get("alpha", 0.0) * group["lam"]
         if "V" not in state or tau == 0:
             return None
-        P = self._metric(state["U"], group["eps"])
-        return torch.addcdiv(state["W0"], state["V"], P, value=-1), P, tau
+        U = state["U"]
+        P, z = torch.empty_like(U), torch.empty_like(U)
+        dual_point(U, state["V"], state["W0"], group["eps"], P, z, False)
+        return z, P, tau

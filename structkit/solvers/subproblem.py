@@ -76,7 +76,7 @@ def solve_subproblem(reg: Regularizer, z: torch.Tensor, d: torch.Tensor, tau: fl
                      warm_start: torch.Tensor | Callable[[], torch.Tensor], rtol: float, max_iter: int = 100,
                      check_every: int | None = None, method: str = "auto", dual_warm: torch.Tensor | None = None,
                      buffer: Callable[[str], torch.Tensor] | None = None,
-                     overwrite_z: bool = False) -> tuple[torch.Tensor, SubproblemInfo]:
+                     overwrite_z: bool = False, scaled: bool = False) -> tuple[torch.Tensor, SubproblemInfo]:
     """Approximately minimise ``Q`` (see the module docstring). The certificate must fall below
     ``rtol * ||d z||`` (the subgradient scale of Q at 0, so the rule does not depend on units);
     ``method`` is ``"auto"`` (the regularizer's own solver when it has one, else accelerated PG for convex psi
@@ -84,19 +84,27 @@ def solve_subproblem(reg: Regularizer, z: torch.Tensor, d: torch.Tensor, tau: fl
     convex psi only). ``warm_start`` (a tensor, or a function returning one, called only by the PG paths) is
     the primal start; ``dual_warm`` the previous solve's ``info.dual_warm``. ``buffer(name)`` gives
     persistent scratch vectors and ``overwrite_z`` lets the solve use ``z``'s memory: the optimizers pass
-    both, so a step allocates no parameter-sized memory."""
+    both, so a step allocates no parameter-sized memory. ``scaled=True``: ``z`` holds ``d * z`` instead (RAMDA
+    computes that directly, ``P W0 - V``, which is what a ``solve_diag`` starts from); the other paths divide it
+    by ``d`` first, in place (so it needs ``overwrite_z``)."""
     if method not in METHODS:
         raise ValueError(f"subproblem method must be one of {METHODS}, got {method!r}.")
     on_cpu = z.device.type == "cpu"
     if check_every is None:  # a check is a host sync: free on CPU, so check every iteration there
         check_every = 1 if on_cpu else 5
+    if scaled and not overwrite_z:
+        raise ValueError("scaled=True needs overwrite_z=True: the paths without a solve_diag divide z by d in place.")
     zero = z.new_zeros(())
     if method in ("auto", "exact"):
         own = reg.solve_diag(z, d, tau, layout, rtol=rtol if method == "auto" else 0.0, warm=dual_warm,
-                             out=z if overwrite_z else None, check=on_cpu or method == "exact", buffer=buffer)
+                             out=z if overwrite_z else None, check=on_cpu or method == "exact", buffer=buffer,
+                             scaled=scaled)
         if own is not None:
             screened = zero if own.warm is None else torch.isinf(own.warm).sum().to(z.dtype)
             return own.y, SubproblemInfo(own.iters, own.residual, screened, own.exact or method == "exact", own.warm)
+    if scaled:
+        z = z.div_(d)
+    if method in ("auto", "exact"):
         exact = reg.prox_diag(z, d, tau, layout)
         if exact is not None:
             return exact, SubproblemInfo(0, zero, zero, True)
