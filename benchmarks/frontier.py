@@ -62,6 +62,9 @@ the targets (``--targets 3``) to run the rows of one method side by side:
     python benchmarks/frontier.py --table            # markdown table, mean +- std over seeds
     python benchmarks/frontier.py --quick            # minutes-long smoke version (own JSON and run folder)
 
+The ``dense`` reference row of (model, seed) is trained by an invocation with Torch-Pruning methods (the one these
+share), so a structkit-only invocation next to it does not train it a second time.
+
 Rows are written to ``--json`` one at a time (under a file lock, so several invocations, e.g. one per model, can
 share it); a row already there is skipped, and the shared trainings and the structkit run folders under ``--out``
 are reused, so an interrupted invocation continues where it stopped.
@@ -719,7 +722,8 @@ def main(argv=None) -> int:
     sk_methods = [m for m in args.methods if m in SK_METHODS]
     for model in args.models:
         for seed in args.seeds:
-            run_tp(args, model, seed, tp_methods, args.targets, jpath)
+            if tp_methods:  # the dense reference row comes with them (a structkit-only invocation does not train it)
+                run_tp(args, model, seed, tp_methods, args.targets, jpath)
     if sk_methods:
         if not structkit_ready():
             print("structkit has no compress.target section (structkit.config.CompressConfig) yet: structkit rows "
