@@ -148,14 +148,15 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def _one_example(example_inputs: Any) -> Any:
-    """The first example of a batch (a tensor, or a tuple / list / dict of tensors sharing the batch dimension)."""
+def first_examples(example_inputs: Any, n: int = 1) -> Any:
+    """The first ``n`` examples of a batch (a tensor, or a tuple / list / dict of tensors sharing the batch
+    dimension; anything else unchanged)."""
     if isinstance(example_inputs, torch.Tensor):
-        return example_inputs[:1] if example_inputs.dim() else example_inputs
+        return example_inputs[:n] if example_inputs.dim() else example_inputs
     if isinstance(example_inputs, dict):
-        return {k: _one_example(v) for k, v in example_inputs.items()}
+        return {k: first_examples(v, n) for k, v in example_inputs.items()}
     if isinstance(example_inputs, (tuple, list)):
-        return type(example_inputs)(_one_example(v) for v in example_inputs)
+        return type(example_inputs)(first_examples(v, n) for v in example_inputs)
     return example_inputs
 
 
@@ -165,7 +166,7 @@ def _count(model: nn.Module, example_inputs: Any) -> tuple[int, int, dict[str, i
     are 0, params are counted directly, and the last item says why (else None)."""
     import torch_pruning as tp
 
-    example_inputs = _one_example(example_inputs)
+    example_inputs = first_examples(example_inputs)
 
     tp.utils.op_counter.CUSTOM_MODULES_MAPPING.update(MAC_COUNTERS)  # the counter clears it after each call
     try:

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .prune import first_examples
+
 __all__ = ["LamController", "Selection", "controller_for", "cost_factors", "cost_weighted", "removal_cost",
            "select_groups", "selection_for", "target_summary"]
 
@@ -329,7 +331,7 @@ def controller_for(config, solver, setup, steps_per_epoch: int) -> LamController
     c = config.compress
     if c.target is None:
         return None
-    return LamController(solver, setup.groupset, setup.model, setup.example_inputs[:2], metric=c.target.metric,
+    return LamController(solver, setup.groupset, setup.model, first_examples(setup.example_inputs, 2), metric=c.target.metric,
                          target=c.target.ratio, tolerance=c.tolerance,
                          check_every=max(1, steps_per_epoch // c.checks_per_epoch))
 
@@ -340,9 +342,9 @@ def selection_for(config, setup) -> Selection:
     t = config.compress.target
     latency = ort_latency_ratio(t.batch, setup.example_inputs, threads=config.deploy.threads) \
         if t.metric == "latency" else None
-    factors = cost_factors(setup.model, setup.groupset, setup.example_inputs[:2], metric=t.metric,
+    factors = cost_factors(setup.model, setup.groupset, first_examples(setup.example_inputs, 2), metric=t.metric,
                            exponent=config.compress.cost_exponent)
-    return select_groups(setup.model, setup.groupset, setup.example_inputs[:2], metric=t.metric, target=t.ratio,
+    return select_groups(setup.model, setup.groupset, first_examples(setup.example_inputs, 2), metric=t.metric, target=t.ratio,
                          tolerance=config.compress.tolerance, round_to=config.prune.round_to, latency=latency,
                          factors=factors)
 
@@ -354,6 +356,6 @@ def cost_weighted(config, setup):
     c = config.compress
     if c.target is None or c.cost_exponent == 0:
         return setup.groupset
-    factors = cost_factors(setup.model, setup.groupset, setup.example_inputs[:2], metric=c.target.metric,
+    factors = cost_factors(setup.model, setup.groupset, first_examples(setup.example_inputs, 2), metric=c.target.metric,
                            exponent=c.cost_exponent)
     return setup.groupset.with_lam_factors(factors)

@@ -137,6 +137,28 @@ def test_sentence_distillation_runs_through_the_pipeline_and_resumes(tiny_bert_f
 
 
 @needs_austen
+def test_sentence_distillation_reaches_a_params_target_with_the_fixed_final_stage(tiny_bert_folder, tmp_path):
+    """``compress.target`` on a model whose inputs are a dict of tensors: lam adapted, the final stage trains the
+    structure chosen for the target, the slim model is verified and its parameters meet the target."""
+    from structkit.config import ConfigError
+    from structkit.tasks.sentence import layer_sizes
+    config = sentence_config(tiny_bert_folder, tmp_path / "cache.pt")
+    config["compress"] = {"target": {"params": 0.8}, "final_stage": "fixed"}
+    report = pipeline.run(config, tmp_path / "run", log=QUIET)
+    t = report["target"]
+    assert t["metric"] == "params" and t["reached"] <= 0.8 and t["within_tolerance"], t
+    assert t["added_groups"] == 0  # the fixed final stage: nothing projected after training
+    assert t["reached"] == pytest.approx(report["params"]["after"] / report["params"]["before"])
+    assert report["verify"]["max_abs_diff_torch"] <= report["verify"]["tolerance_torch"]
+    from structkit import load_slim
+    sizes = layer_sizes(load_slim(tmp_path / "run" / "slim.pt"))
+    assert sum(sizes["heads"]) < 8 or sum(sizes["ffn"]) < 128
+    config["compress"] = {"target": {"latency": 0.8, "batch": 2}}
+    with pytest.raises((ConfigError, ValueError), match="latency is not supported for task sentence_distillation"):
+        pipeline.run(config, tmp_path / "latency", log=QUIET)
+
+
+@needs_austen
 def test_sentence_batches_per_epoch_continue_across_epochs_and_into_finetuning(tiny_bert_folder, tmp_path):
     from structkit.setup import build
     config = pipeline._as_config(sentence_config(tiny_bert_folder, tmp_path / "cache.pt"))
