@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .padding import revive_padding
 from .target import selection_for, target_summary
 
 __all__ = ["FixedFinalStage", "fixed_stage_for"]
@@ -44,7 +45,9 @@ class FixedFinalStage:
         if epoch == self.first_epoch:  # the stage starts here (also when a run resumes at this epoch)
             selection = selection_for(self.config, self.setup)
             groupset.zero_(selection.added_ids)
-            log(f"compress.final_stage fixed, from epoch {epoch}: {target_summary(selection)}; lam 0 from here on")
+            revived = revive_padding(self.setup.model, groupset, selection.removed, seed=self.config.schedule.seed + epoch)
+            log(f"compress.final_stage fixed, from epoch {epoch}: {target_summary(selection)}; lam 0 from here on"
+                + (f"; {len(revived)} dead group(s) that round_to keeps re-initialised" if revived else ""))
             for group in self.solver.param_groups:
                 if group.get("regularizer") == "group_lasso":  # the groups the target's controller adapts
                     group["lam"] = 0.0

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .padding import drop_padding
 from .prune import first_examples
 
 __all__ = ["LamController", "Selection", "controller_for", "cost_factors", "cost_weighted", "removal_cost",
@@ -74,11 +75,13 @@ def lam_factor(ratio: float, target: float, tolerance: float) -> float:
 
 @dataclass
 class Removal:
-    """What removing a set of groups leaves: counts before and after (torch-pruning's count, after round_to)."""
+    """What removing a set of groups leaves: counts before and after (torch-pruning's count, after round_to), and
+    per block label the zero groups the pruner removed (the rest of them it kept as round_to padding)."""
     macs_before: float
     macs_after: float
     params_before: int
     params_after: int
+    removed: dict[str, int] = field(default_factory=dict)
 
     def ratio(self, metric: str) -> float:
         if metric == "params":
@@ -94,7 +97,8 @@ def removal_cost(model: nn.Module, groupset, example_inputs: Any, ids, *, round_
     probe = copy.deepcopy(model).cpu().eval()
     groupset.zero_(ids, model=probe)
     slim, report = prune(probe, groupset, example_inputs, round_to=round_to, inplace=True)
-    return slim, Removal(report.macs_before, report.macs_after, report.params_before, report.params_after)
+    removed = {name: layer["removed_groups"] for name, layer in report.layers.items() if "removed_groups" in layer}
+    return slim, Removal(report.macs_before, report.macs_after, report.params_before, report.params_after, removed)
 
 
 def cost_factors(model: nn.Module, groupset, example_inputs: Any, *, metric: str, exponent: float) -> dict[str, float]:
@@ -235,10 +239,12 @@ class Selection:
     within_tolerance: bool
     note: str = ""
     added_ids: list[int] = field(default_factory=list, repr=False)
+    removed: dict[str, int] = field(default_factory=dict, repr=False)  # Removal.removed of the selection
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("added_ids")
+        out.pop("removed")
         return out
 
 
@@ -264,9 +270,12 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
     dense = copy.deepcopy(model).cpu().eval() if metric == "latency" else None
 
     @functools.lru_cache(maxsize=None)
-    def reached(k: int) -> float:  # each k measured once
+    def measured(k: int) -> tuple[float, dict[str, int]]:  # each k measured once
         slim, removal = removal_cost(model, groupset, example_inputs, order[:k], round_to=round_to)
-        return latency(dense, slim) if metric == "latency" else removal.ratio(metric)
+        return (latency(dense, slim) if metric == "latency" else removal.ratio(metric)), removal.removed
+
+    def reached(k: int) -> float:
+        return measured(k)[0]
 
     lo, r_lo = n_zero, reached(n_zero)
     note = ""
@@ -288,11 +297,12 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
             if r < (1 - tolerance) * target:
                 note = (f"the nearest removable step reaches {r:.3f}, more than {tolerance:.0%} below "
                         f"{target:.3f} (round_to={round_to} moves widths in steps; a smaller round_to is finer)")
-    added = order[n_zero:k]
+    # only the added groups the pruner removes: the others would be zeroed and kept as round_to padding
+    added = drop_padding(groupset, order[n_zero:k].tolist(), rms == 0, measured(k)[1])
     return Selection(metric=metric, target=target, reached=r, exact_zero_groups=n_zero, added_groups=len(added),
                      added_max_rms=float(rms[added].max()) if len(added) else 0.0,
                      within_tolerance=abs(r / target - 1) <= tolerance, note=note,
-                     added_ids=[int(i) for i in added])
+                     added_ids=[int(i) for i in added], removed=measured(k)[1])
 
 
 def ort_latency_ratio(batch: int, example_inputs: torch.Tensor, *, threads: int = 2, warmup: int = 5,
