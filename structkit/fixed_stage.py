@@ -6,7 +6,8 @@ end, so every group that survives is still shrunk towards zero by ``tau w_g / ||
 
 1. at the start of the final stage (the epoch after the last milestone; the last epoch without milestones) the
    groups the target needs are chosen exactly as the final selection chooses them (the exact zeros, then the smallest
-   RMS per cost factor, never a layer's last group) and set to exactly zero;
+   RMS per cost factor, never a layer's last group, and only groups the pruner removes) and set to exactly zero;
+   dead groups that ``round_to`` would keep as padding are re-initialised (structkit/padding.py);
 2. the dual state restarts at that point (RAMDA/RMDA: the stage's start point must hold the zeros), the group
    lasso's lam (the lam the target adapts) goes to 0, so the surviving groups train unshrunk (RAMDA becomes MADGRAD, ProxGen Adam), and
 3. the chosen groups stay exactly zero: their gradients are masked (so no solver state builds up on them) and they
