@@ -667,6 +667,8 @@ def main(argv=None) -> int:
                    "model side by side on a busy 2-core machine)")
     p.add_argument("--warmup", type=int, default=5, help="ORT warm-up rounds (inline timing)")
     p.add_argument("--runs", type=int, default=20, help="ORT timed rounds (inline timing; --time: 100 unless set)")
+    p.add_argument("--no-distill", action="store_true", help="fine-tune every method on the labels only (no "
+                   "distillation from its trained model); use its own --json")
     p.add_argument("--out", default="runs/frontier")
     p.add_argument("--json", default="benchmarks/results/frontier.json")
     p.add_argument("--time", action="store_true", help="re-time every finished row's ONNX files, then exit")
@@ -703,6 +705,8 @@ def main(argv=None) -> int:
     if args.epochs < 2 and any(m in SK_METHODS for m in args.methods):
         p.error("structkit rows need --epochs >= 2 (one restart stage at the last epoch)")
     torch.set_num_threads(args.threads)
+    if args.no_distill:
+        FINETUNE["distill"] = False
     with locked(jpath) as data:
         for model in args.models:
             data["meta"][model] = {
