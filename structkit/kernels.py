@@ -8,7 +8,8 @@ transcendental functions. :data:`dual_step` does it in one pass over flat vector
 gradients end to end, one ``torch.cat``): Inductor fuses the expression into one vectorised C++ loop, and the
 cube root is computed with arithmetic only (:func:`cube_root`: a bit-level first guess refined by Halley's
 iteration), which vectorises and leaves the loop memory-bound. On resnet18 (11.2M regularized entries, 2 cores)
-the whole RAMDA step went from 1.88x to about 1.45x an AdamW step (``benchmarks/solver_overhead.py``).
+the whole RAMDA optimizer step went from 1.88x to 1.49x an AdamW step (``benchmarks/results/solver_overhead.json``;
+1.2x-1.5x over four runs).
 
 The compiled kernels run on float32 CPU vectors of at least :data:`MIN_NUMEL` entries. Everywhere else -- smaller
 param groups, float64, CUDA (the fused path has not been tested on a GPU; eager GPU kernels are fast anyway),

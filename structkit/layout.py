@@ -225,9 +225,9 @@ class GroupLayout:
         return self._ids
 
     # ---- flat <-> tensors ----
-    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Concatenate tensors (C order) into one new flat vector."""
-        return torch.cat([t.reshape(-1) for t in tensors])
+    def flatten(self, tensors: Sequence[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate tensors (C order) into one flat vector: a new one, or ``out``."""
+        return torch.cat([t.reshape(-1) for t in tensors], out=out)
 
     def split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """Views of a flat vector shaped like the tensors (no copy)."""

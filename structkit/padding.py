@@ -58,7 +58,8 @@ def revive_padding(model: nn.Module, groupset, removed: dict[str, int], *, seed:
     zero groups it removes (the pruner removes the first zero groups by index). Their entries get the values of a
     fresh ``reset_parameters()`` of a copy of ``model``, under ``torch.manual_seed(seed)``. Returns their ids."""
     rms = groupset.rms()
-    zero = torch.cat(groupset.zero_flags())
+    zero_flags = groupset.zero_flags()
+    zero = torch.cat(zero_flags)
     revive = torch.zeros(len(rms), dtype=torch.bool)
     for block in groupset.blocks:
         if block.label not in removed:
@@ -76,7 +77,7 @@ def revive_padding(model: nn.Module, groupset, removed: dict[str, int], *, seed:
         for module in fresh.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    flags = list(revive.split([len(f) for f in groupset.zero_flags()]))
+    flags = list(revive.split([len(f) for f in zero_flags]))
     with torch.no_grad():
         for (_, t, mask), (_, new, _) in zip(groupset.entries(flags, model), groupset.entries(flags, fresh)):
             t[mask] = new.to(t.device, t.dtype)[mask]

@@ -160,8 +160,7 @@ class StructuredOptimizer(Optimizer):
     @staticmethod
     def _gather_grads(params, layout, out: torch.Tensor) -> torch.Tensor:
         """The gradients end to end in the flat ``out`` (zeros for a parameter without one)."""
-        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-        return torch.cat(grads, out=out)
+        return layout.flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in params], out=out)
 
     def _lerp_grads_(self, params, buf, layout, weight: float) -> list[torch.Tensor]:
         """``buf = (1 - weight) buf + weight g`` in place (a moving average of the gradients; a missing gradient
