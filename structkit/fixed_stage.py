@@ -7,7 +7,11 @@ end, so every group that survives is still shrunk towards zero by ``tau w_g / ||
 1. at the start of the final stage (the epoch after the last milestone; the last epoch without milestones) the
    groups the target needs are chosen exactly as the final selection chooses them (the exact zeros, then the smallest
    RMS per cost factor, never a layer's last group, and only groups the pruner removes) and set to exactly zero;
-   dead groups that ``round_to`` would keep as padding are re-initialised (structkit/padding.py);
+   dead groups that ``round_to`` would keep as padding are re-initialised (structkit/padding.py). If training
+   overshot (the exact zeros alone fall more than ``compress.tolerance`` below the target), the exact zeros closest
+   to coming back (RAMDA's / RMDA's zero margins, highest first) are re-initialised instead, as many as keep the
+   cost at or below the target, so the stage starts at the target rather than below it. Kept groups that the
+   solver is zeroing (margin <= 1: heading to zero, their gradient fading with them) are re-initialised as well;
 2. the dual state restarts at that point (RAMDA/RMDA: the stage's start point must hold the zeros), the group
    lasso's lam (the lam the target adapts) goes to 0, so the surviving groups train unshrunk (RAMDA becomes MADGRAD, ProxGen Adam), and
 3. the chosen groups stay exactly zero: their gradients are masked (so no solver state builds up on them) and they
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .padding import revive_padding
+from .padding import reinitialise, revive_padding
 from .target import selection_for, target_summary
 
 __all__ = ["FixedFinalStage", "fixed_stage_for"]
@@ -44,10 +48,18 @@ class FixedFinalStage:
             return
         groupset = self.setup.groupset
         if epoch == self.first_epoch:  # the stage starts here (also when a run resumes at this epoch)
-            selection = selection_for(self.config, self.setup)
+            # RAMDA's / RMDA's zero margins (None for proximal solvers): an overshoot (more exact zeros than the
+            # target needs) is undone by re-initialising the zero groups closest to coming back
+            margins = groupset.solver_margins(self.solver)
+            selection = selection_for(self.config, self.setup, revive_scores=margins)
+            seed = self.config.schedule.seed + epoch
+            reinitialise(self.setup.model, groupset, selection.revived_ids, seed=seed)
             groupset.zero_(selection.added_ids)
-            revived = revive_padding(self.setup.model, groupset, selection.removed, seed=self.config.schedule.seed + epoch)
+            dying = sorted(set(dying_groups(groupset, margins)) - set(selection.revived_ids))
+            reinitialise(self.setup.model, groupset, dying, seed=seed + 1)
+            revived = revive_padding(self.setup.model, groupset, selection.removed, seed=seed)
             log(f"compress.final_stage fixed, from epoch {epoch}: {target_summary(selection)}; lam 0 from here on"
+                + (f"; {len(dying)} kept group(s) the solver was zeroing re-initialised" if dying else "")
                 + (f"; {len(revived)} dead group(s) that round_to keeps re-initialised" if revived else ""))
             for group in self.solver.param_groups:
                 if group.get("regularizer") == "group_lasso":  # the groups the target's controller adapts
@@ -81,6 +93,15 @@ class FixedFinalStage:
         for handle in self._handles:
             handle.remove()
         self._handles, self.active = [], False
+
+
+def dying_groups(groupset, margins: torch.Tensor | None) -> list[int]:
+    """The groups the target keeps (not exactly zero) that the solver is zeroing: zero margin <= 1, so the solution
+    of its subproblem is zero and the averaged iterate is on its way there (RAMDA/RMDA; none without margins)."""
+    if margins is None:
+        return []
+    kept = ~torch.cat(groupset.zero_flags())
+    return (kept & (margins <= 1)).nonzero().flatten().tolist()
 
 
 def fixed_stage_for(config, setup, solver) -> FixedFinalStage | None:

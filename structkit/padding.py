@@ -22,7 +22,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["DEAD_RMS", "drop_padding", "revive_padding"]
+__all__ = ["DEAD_RMS", "drop_padding", "reinitialise", "revive_padding"]
 
 #: a group whose RMS is at most this fraction of the largest RMS in its layer counts as dead
 DEAD_RMS = 1e-4
@@ -69,16 +69,23 @@ def revive_padding(model: nn.Module, groupset, removed: dict[str, int], *, seed:
         revive[padding] = True
         tiny = ids[(~zero[ids]) & (rms[ids] <= DEAD_RMS * rms[ids].max())]
         revive[tiny] = True
-    if not revive.any():
-        return []
+    ids = revive.nonzero().flatten().tolist()
+    reinitialise(model, groupset, ids, seed=seed)
+    return ids
+
+
+def reinitialise(model: nn.Module, groupset, ids: list[int], *, seed: int) -> None:
+    """Give the groups ``ids`` (global ids), in place, the values a fresh ``reset_parameters()`` of a copy of
+    ``model`` gives them under ``torch.manual_seed(seed)``; every other entry is left alone."""
+    if not len(ids):
+        return
+    flags = groupset.flags_of(ids)
     fresh = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for module in fresh.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-    flags = list(revive.split([len(f) for f in zero_flags]))
     with torch.no_grad():
         for (_, t, mask), (_, new, _) in zip(groupset.entries(flags, model), groupset.entries(flags, fresh)):
             t[mask] = new.to(t.device, t.dtype)[mask]
-    return revive.nonzero().flatten().tolist()

@@ -89,12 +89,17 @@ class Removal:
         return self.macs_after / self.macs_before
 
 
-def removal_cost(model: nn.Module, groupset, example_inputs: Any, ids, *, round_to: int | None) -> tuple[nn.Module, Removal]:
-    """Prune a CPU copy of ``model`` with groups ``ids`` (global ids) set to zero, besides its exact zeros; return
-    the slim copy and its counts. ``model`` is not changed."""
+def removal_cost(model: nn.Module, groupset, example_inputs: Any, ids, *, round_to: int | None,
+                 alive=()) -> tuple[nn.Module, Removal]:
+    """Prune a CPU copy of ``model`` with groups ``ids`` (global ids) set to zero, besides its exact zeros, and the
+    groups ``alive`` (exact zeros that will be re-initialised) kept; return the slim copy and its counts. ``model``
+    is not changed."""
     from .prune import prune
 
     probe = copy.deepcopy(model).cpu().eval()
+    with torch.no_grad():
+        for _, t, mask in groupset.entries(groupset.flags_of(alive), probe):
+            t.masked_fill_(mask, 1.0)
     groupset.zero_(ids, model=probe)
     slim, report = prune(probe, groupset, example_inputs, round_to=round_to, inplace=True)
     removed = {name: layer["removed_groups"] for name, layer in report.layers.items() if "removed_groups" in layer}
@@ -238,23 +243,28 @@ class Selection:
     added_max_rms: float
     within_tolerance: bool
     note: str = ""
+    revived_groups: int = 0
     added_ids: list[int] = field(default_factory=list, repr=False)
+    revived_ids: list[int] = field(default_factory=list, repr=False)  # exact zeros to re-initialise (overshoot)
     removed: dict[str, int] = field(default_factory=dict, repr=False)  # Removal.removed of the selection
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("added_ids")
-        out.pop("removed")
+        for key in ("added_ids", "revived_ids", "removed"):
+            out.pop(key)
         return out
 
 
 def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: str, target: float, tolerance: float,
                   round_to: int | None, latency: Callable[[nn.Module, nn.Module], float] | None = None,
-                  factors: dict[str, float] | None = None) -> Selection:
+                  factors: dict[str, float] | None = None, revive_scores: torch.Tensor | None = None) -> Selection:
     """The fewest groups, in RMS order (exact zeros first), whose removal meets ``target`` (module docstring).
     ``latency(dense, slim)`` measures the latency ratio for ``metric="latency"``; ``factors`` (block label -> the
     block's cost factor, :func:`cost_factors`) divide the RMS, so at equal RMS the costlier group goes first.
-    Changes nothing."""
+    ``revive_scores`` (one per group; higher = closer to coming back, e.g. RAMDA's zero margins): when the exact
+    zeros alone fall more than ``tolerance`` below the target (training overshot) and training goes on, the most
+    exact zeros, highest score first, whose return still leaves the cost at or below the target are given as
+    ``revived_ids`` for the caller to re-initialise (:func:`structkit.padding.reinitialise`). Changes nothing."""
     rms = groupset.rms()
     if factors:
         scale = torch.ones_like(rms)
@@ -269,9 +279,17 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
     candidates = len(rms) - int((protected & (rms > 0)).sum())
     dense = copy.deepcopy(model).cpu().eval() if metric == "latency" else None
 
+    # the exact zeros (order[:n_zero]) in the order they would come back: highest revive score first
+    revival = torch.argsort(-revive_scores[order[:n_zero]].double(), stable=True) if revive_scores is not None else None
+    revived: list[int] = []
+
     @functools.lru_cache(maxsize=None)
-    def measured(k: int) -> tuple[float, dict[str, int]]:  # each k measured once
-        slim, removal = removal_cost(model, groupset, example_inputs, order[:k], round_to=round_to)
+    def measured(k: int, j: int = 0) -> tuple[float, dict[str, int]]:  # each (k, j) measured once
+        ids, alive = order[:k], ()
+        if j:  # the first j exact zeros in revival order come back
+            zeros = order[:n_zero][revival]
+            ids, alive = torch.cat([zeros[j:], order[n_zero:k]]), zeros[:j]
+        slim, removal = removal_cost(model, groupset, example_inputs, ids, round_to=round_to, alive=alive)
         return (latency(dense, slim) if metric == "latency" else removal.ratio(metric)), removal.removed
 
     def reached(k: int) -> float:
@@ -281,7 +299,13 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
     note = ""
     if r_lo <= target:
         k, r = lo, r_lo
-        if r < (1 - tolerance) * target:
+        if r < (1 - tolerance) * target and revival is not None and n_zero and measured(n_zero, n_zero)[0] > target:
+            j = first_meeting(0, n_zero, lambda j: measured(n_zero, j)[0] > target) - 1
+            revived = order[:n_zero][revival[:j]].tolist()
+            note = (f"the exactly-zero groups alone reach {r:.3f} < {target:.3f} (training removed more than asked); "
+                    f"the {j} closest to coming back are re-initialised, which reaches {measured(n_zero, j)[0]:.3f}")
+            r = measured(n_zero, j)[0]
+        elif r < (1 - tolerance) * target:
             note = (f"the exactly-zero groups alone reach {r:.3f} < {target:.3f}: training removed more than asked "
                     "(the controller overshot; more steps after the final milestone, or more checks per epoch, "
                     "let it settle)")
@@ -298,11 +322,12 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
                 note = (f"the nearest removable step reaches {r:.3f}, more than {tolerance:.0%} below "
                         f"{target:.3f} (round_to={round_to} moves widths in steps; a smaller round_to is finer)")
     # only the added groups the pruner removes: the others would be zeroed and kept as round_to padding
-    added = drop_padding(groupset, order[n_zero:k].tolist(), rms == 0, measured(k)[1])
-    return Selection(metric=metric, target=target, reached=r, exact_zero_groups=n_zero, added_groups=len(added),
-                     added_max_rms=float(rms[added].max()) if len(added) else 0.0,
-                     within_tolerance=abs(r / target - 1) <= tolerance, note=note,
-                     added_ids=[int(i) for i in added], removed=measured(k)[1])
+    removed = measured(k, len(revived))[1]
+    added = drop_padding(groupset, order[n_zero:k].tolist(), rms == 0, removed)
+    return Selection(metric=metric, target=target, reached=r, exact_zero_groups=n_zero - len(revived),
+                     added_groups=len(added), added_max_rms=float(rms[added].max()) if len(added) else 0.0,
+                     within_tolerance=abs(r / target - 1) <= tolerance, note=note, revived_groups=len(revived),
+                     added_ids=[int(i) for i in added], revived_ids=[int(i) for i in revived], removed=removed)
 
 
 def ort_latency_ratio(batch: int, example_inputs: torch.Tensor, *, threads: int = 2, warmup: int = 5,
@@ -346,7 +371,7 @@ def controller_for(config, solver, setup, steps_per_epoch: int) -> LamController
                          check_every=max(1, steps_per_epoch // c.checks_per_epoch))
 
 
-def selection_for(config, setup) -> Selection:
+def selection_for(config, setup, revive_scores: torch.Tensor | None = None) -> Selection:
     """:func:`select_groups` for the run's target, on its trained model (ORT at ``target.batch`` with
     ``deploy.threads`` for a latency target)."""
     t = config.compress.target
@@ -356,7 +381,7 @@ def selection_for(config, setup) -> Selection:
                            exponent=config.compress.cost_exponent)
     return select_groups(setup.model, setup.groupset, first_examples(setup.example_inputs, 2), metric=t.metric, target=t.ratio,
                          tolerance=config.compress.tolerance, round_to=config.prune.round_to, latency=latency,
-                         factors=factors)
+                         factors=factors, revive_scores=revive_scores)
 
 
 def cost_weighted(config, setup):

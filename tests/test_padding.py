@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from structkit.padding import drop_padding, revive_padding
+from structkit.padding import drop_padding, reinitialise, revive_padding
 from structkit.prune import prune
 from structkit.target import select_groups
 from tests.test_target import _cnn, _groups
@@ -63,3 +63,45 @@ def test_revive_padding_reinitialises_the_dead_groups_rounding_keeps_and_only_th
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))  # seeded: the same values
     _, report = prune(model, gs, x, round_to=8)
     assert report.layers[gs.blocks[1].label]["removed_groups"] == 16 and report.layers[gs.blocks[1].label]["after"] == 8
+
+
+def test_an_overshoot_is_undone_by_reviving_the_zero_groups_closest_to_coming_back():
+    model = _cnn()
+    gs, x = _groups(model)
+    n = len(gs)
+    overshoot = [i for b in gs.blocks for i in gs.groups_of(b).tolist()[:-2]]  # all but 2 groups of every layer
+    gs.zero_(overshoot)
+    scores = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plain = select_groups(model, gs, x, metric="macs", target=0.5, tolerance=0.05, round_to=None)
+    assert plain.reached < 0.2 and plain.revived_ids == [] and "removed more than asked" in plain.note
+    sel = select_groups(model, gs, x, metric="macs", target=0.5, tolerance=0.05, round_to=None, revive_scores=scores)
+    assert sel.revived_groups == len(sel.revived_ids) > 0 and sel.added_ids == []
+    assert set(sel.revived_ids) <= set(overshoot)
+    # the highest scores among the exact zeros come back first
+    ranked = sorted(overshoot, key=lambda i: -float(scores[i]))
+    assert sel.revived_ids == ranked[:len(sel.revived_ids)]
+    assert sel.reached <= 0.5 and sel.exact_zero_groups == len(overshoot) - sel.revived_groups
+    # maximal: one more revival would exceed the target
+    probe = copy.deepcopy(model)
+    probe_gs, _ = _groups(probe)
+    reinitialise(probe, probe_gs, ranked[:len(sel.revived_ids) + 1], seed=0)
+    _, over = prune(probe, probe_gs, x, round_to=None)
+    assert over.macs_after / over.macs_before > 0.5
+    # the revival the fixed stage does reaches exactly what the selection says
+    reinitialise(model, gs, sel.revived_ids, seed=0)
+    zero = torch.cat(gs.zero_flags())
+    assert not zero[sel.revived_ids].any() and zero.sum() == len(overshoot) - sel.revived_groups
+    _, report = prune(model, gs, x, round_to=None)
+    assert report.macs_after / report.macs_before == sel.reached
+
+
+def test_dying_groups_are_the_kept_groups_the_solver_is_zeroing():
+    from structkit.fixed_stage import dying_groups
+    model = _cnn()
+    gs, _ = _groups(model)
+    gs.zero_([0, 1])
+    margins = torch.full((len(gs),), 2.0, dtype=torch.float64)
+    margins[[0, 1, 5, 7]] = 0.5   # 0, 1: exact zeros (removed, not dying); 5, 7: kept but heading to zero
+    margins[9] = 1.0              # the prox zeroes at margin <= 1
+    assert dying_groups(gs, margins) == [5, 7, 9]
+    assert dying_groups(gs, None) == []  # proximal solvers: no margins, nothing re-initialised

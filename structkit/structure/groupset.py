@@ -297,14 +297,18 @@ class GroupSet:
     def zero_(self, indices, model: nn.Module | None = None) -> GroupSet:
         """Set every regularized entry of the given groups (global ids) to exactly zero, in place, in ``model``
         (default: the one this set was built on; or an unpruned copy of it)."""
+        for _, p, mask in self.entries(self.flags_of(indices), model):
+            p.masked_fill_(mask, 0)
+        return self
+
+    def flags_of(self, indices) -> list[torch.Tensor]:
+        """The global group ids ``indices`` as per-param-group bool flags (the form :meth:`entries` takes)."""
         idx = torch.as_tensor(indices, dtype=torch.long).flatten()
         if idx.numel() and (idx.min() < 0 or idx.max() >= self._len):
             raise IndexError(f"group ids must lie in [0, {self._len}); got range [{int(idx.min())}, {int(idx.max())}].")
         chosen = torch.zeros(self._len, dtype=torch.bool)
         chosen[idx] = True
-        for _, p, mask in self.entries(list(chosen.split([g.num_groups for g in self._groups])), model):
-            p.masked_fill_(mask, 0)
-        return self
+        return list(chosen.split([g.num_groups for g in self._groups]))
 
     def metrics(self) -> dict[str, Any]:
         """Structure metrics of the current weights (docs/structure.md):
