@@ -26,8 +26,8 @@ Protocol (one row = one model, method, MACs target, seed):
 - ``ramda`` / ``proxgen``: one ``structkit.pipeline.run`` per row from a config dict, as a user would run it:
   structure rule ``{select: "*", types: [Conv2d], kind: channels}`` (structkit's channels kind couples every conv
   that shares channels, e.g. a ResNet's residual stream), ``compress: {target: {macs: 1/target}}`` (lam adapted
-  during training, exactly the groups needed removed), the same ``finetune`` section; RAMDA lr 1e-2, momentum 0.1,
-  ProxGen lr 1e-3 (benchmarks/defaults.py), one restart stage at the last training epoch (``milestones:
+  during training, exactly the groups needed removed), the same ``finetune`` section; RAMDA lr 1e-2 (ResNet-18:
+  1e-3, chosen on validation, see ``MODELS``), momentum 0.1, ProxGen lr 1e-3 (benchmarks/defaults.py), one restart stage at the last training epoch (``milestones:
   [E_train - 1]``, gamma 0.1). ``ramda_fixed``: the same with averaging momentum 0.5 and
   ``compress.final_stage: fixed`` (structkit/fixed_stage.py; ``SK_VARIANTS``). Accuracies, MACs and params come from
   the run folder's report.json.
@@ -104,8 +104,11 @@ METHODS = SK_METHODS + TP_METHODS
 MODELS = {
     "cnn": {"model": {"name": "cnn", "options": {"widths": [32, 32, 64, 64, 128], "pool_after": [2, 4]}},
             "data": {}, "classifier": "classifier", "batch_size": 64},
+    # RAMDA's lr for ResNet-18: the best validation accuracy of a dense (lam 0) 2-epoch RAMDA run on its 2,000
+    # images (seed 0, momentum 0.5): lr 1e-2 (the CNN's) 0.378, 3e-3 0.669, 1e-3 0.756 (test 0.38 / 0.66 / 0.77;
+    # AdamW at benchmarks/defaults.py's rate: 0.796 test)
     "resnet18": {"model": {"name": "resnet18", "options": {}}, "data": {"size": 32, "channels": 3},
-                 "classifier": "fc", "batch_size": 64},
+                 "classifier": "fc", "batch_size": 64, "solver_lr": {"ramda": 1e-3}},
 }
 FINETUNE = {"lr": 1e-3, "weight_decay": 0.0, "distill": True, "temperature": 4.0, "alpha": 0.5}
 GROUPNORM_REG = 5e-4   # Torch-Pruning's CIFAR benchmark rate for GroupNormPruner sparse training
@@ -433,6 +436,12 @@ def run_tp(args, model: str, seed: int, methods: list[str], targets: list[float]
 
 # ------------------------------------------------------------------------------------------------ structkit rows
 
+def solver_settings(model: str, solver: str) -> dict:
+    """benchmarks/defaults.py's settings of ``solver``, with the model's own lr where it has one (``solver_lr``)."""
+    lr = MODELS[model].get("solver_lr", {}).get(solver)
+    return {**SOLVERS[solver], **({"lr": lr} if lr is not None else {})}
+
+
 def structkit_config(args, model: str, method: str, target: float, seed: int) -> dict:
     """The config a user would write for this row (see the module docstring)."""
     spec = MODELS[model]
@@ -440,7 +449,7 @@ def structkit_config(args, model: str, method: str, target: float, seed: int) ->
     config = {
         "model": copy.deepcopy(spec["model"]),
         "data": {"name": "fashion_mnist", "options": data_options(args, model)},
-        "optimizer": {"name": solver, **SOLVERS[solver], "milestones": [args.epochs - 1], "gamma": 0.1},
+        "optimizer": {"name": solver, **solver_settings(model, solver), "milestones": [args.epochs - 1], "gamma": 0.1},
         "schedule": {"epochs": args.epochs, "batch_size": spec["batch_size"], "seed": seed, "threads": args.threads,
                      "bn_recalibration_batches": RECAL_BATCHES},
         "structure": [{"select": "*", "types": ["Conv2d"], "kind": "channels", "lam": START_LAM}],
@@ -714,7 +723,8 @@ def main(argv=None) -> int:
                 "batch_size": MODELS[model]["batch_size"], "finetune": FINETUNE, "round_to": ROUND_TO,
                 "global_pruning": not args.uniform, "groupnorm_reg": GROUPNORM_REG,
                 "taylor_batches": TAYLOR_BATCHES, "dense_optimizer": {"name": "adamw", **ADAMW},
-                "solvers": {m: {**SOLVERS[SK_VARIANTS[m][0]], "changes": SK_VARIANTS[m][1]} for m in SK_METHODS},
+                "solvers": {m: {**solver_settings(model, SK_VARIANTS[m][0]), "changes": SK_VARIANTS[m][1]}
+                            for m in SK_METHODS},
                 "start_lam": START_LAM,
                 "data": {"name": "fashion_mnist", "options": data_options(args, model)},
                 **{k: v for k, v in data["meta"].get(model, {}).items() if k in ("seeds_note", "epoch_timing")}}
