@@ -279,8 +279,13 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
     candidates = len(rms) - int((protected & (rms > 0)).sum())
     dense = copy.deepcopy(model).cpu().eval() if metric == "latency" else None
 
-    # the exact zeros (order[:n_zero]) in the order they would come back: highest revive score first
-    revival = torch.argsort(-revive_scores[order[:n_zero]].double(), stable=True) if revive_scores is not None else None
+    # the exact zeros (order[:n_zero]) in the order they would come back: highest revive score first; those without
+    # a finite score (groups of other regularizers) never come back (n_back: how many may)
+    revival, n_back = None, 0
+    if revive_scores is not None:
+        scores = revive_scores[order[:n_zero]].double()
+        revival = torch.argsort(torch.where(torch.isfinite(scores), -scores, math.inf), stable=True)
+        n_back = int(torch.isfinite(scores).sum())
     revived: list[int] = []
 
     @functools.lru_cache(maxsize=None)
@@ -299,8 +304,8 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
     note = ""
     if r_lo <= target:
         k, r = lo, r_lo
-        if r < (1 - tolerance) * target and revival is not None and n_zero and measured(n_zero, n_zero)[0] > target:
-            j = first_meeting(0, n_zero, lambda j: measured(n_zero, j)[0] > target) - 1
+        if r < (1 - tolerance) * target and n_back and measured(n_zero, n_back)[0] > target:
+            j = first_meeting(0, n_back, lambda j: measured(n_zero, j)[0] > target) - 1
             revived = order[:n_zero][revival[:j]].tolist()
             note = (f"the exactly-zero groups alone reach {r:.3f} < {target:.3f} (training removed more than asked); "
                     f"the {j} closest to coming back are re-initialised, which reaches {measured(n_zero, j)[0]:.3f}")

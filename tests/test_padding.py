@@ -1,6 +1,7 @@
 """round_to padding (structkit/padding.py): the selection zeroes only groups the pruner removes, and the dead groups
 that rounding keeps are re-initialised, deterministically."""
 import copy
+import math
 
 import torch
 
@@ -105,3 +106,16 @@ def test_dying_groups_are_the_kept_groups_the_solver_is_zeroing():
     margins[9] = 1.0              # the prox zeroes at margin <= 1
     assert dying_groups(gs, margins) == [5, 7, 9]
     assert dying_groups(gs, None) == []  # proximal solvers: no margins, nothing re-initialised
+
+
+def test_zero_groups_without_a_finite_revive_score_never_come_back():
+    model = _cnn()
+    gs, x = _groups(model)
+    overshoot = [i for b in gs.blocks for i in gs.groups_of(b).tolist()[:-2]]
+    gs.zero_(overshoot)
+    scores = torch.linspace(0.1, 0.9, len(gs), dtype=torch.float64)
+    other = gs.groups_of(gs.blocks[0]).tolist()  # e.g. a rule with another regularizer: no margin (inf)
+    scores[other] = math.inf
+    sel = select_groups(model, gs, x, metric="macs", target=0.5, tolerance=0.05, round_to=None, revive_scores=scores)
+    assert len(sel.revived_ids) > 0 and not set(sel.revived_ids) & set(other)
+    assert sel.revived_ids == sorted(set(overshoot) - set(other), key=lambda i: -float(scores[i]))[:len(sel.revived_ids)]
