@@ -43,19 +43,20 @@ Protocol (one row = one model, method, MACs target, seed):
 Models: ``cnn`` (the quickstart CNN 32-32-64-64-128, 1x28x28) and ``resnet18`` (torchvision, on Fashion-MNIST resized
 to 32x32 and repeated to 3 channels: ``data.options: {size: 32, channels: 3}``; no CIFAR-10 offline).
 
-Commands of the 2026-12-03 run (2 shared cores, load average 6-12 from other jobs; several invocations side by
-side, 1 torch thread each, so only seed 0 of every method fitted; measured epoch times are in the rows'
-``train_epoch_seconds``). One invocation per model and method group; a structkit invocation may take a subset of
-the targets (``--targets 3``) to run the rows of one method side by side:
+Commands of the 2026-12-03/04 runs (2 shared cores; several invocations side by side, 1 torch thread each;
+measured epoch times are in the rows' ``train_epoch_seconds``). One invocation per model and method group; an
+invocation may take a subset of the seeds or targets (``--seeds 2 --targets 3``) to run rows side by side:
 
-    python benchmarks/frontier.py --models cnn --methods tp_magnitude tp_taylor tp_groupnorm --seeds 0 \
+    # 4,000 / 2,000 images (benchmarks/results/frontier.json)
+    python benchmarks/frontier.py --models cnn --methods tp_magnitude tp_taylor tp_groupnorm ramda_fixed proxgen \
         --epochs 3 --ft-epochs 1 --limit-train 4000
-    python benchmarks/frontier.py --models cnn --methods ramda proxgen --seeds 0 --epochs 3 --ft-epochs 1 \
-        --limit-train 4000
-    python benchmarks/frontier.py --models resnet18 --methods tp_magnitude tp_taylor tp_groupnorm --seeds 0 \
+    python benchmarks/frontier.py --models resnet18 --methods tp_magnitude tp_taylor tp_groupnorm ramda_fixed \
         --epochs 2 --ft-epochs 1 --limit-train 2000
-    python benchmarks/frontier.py --models resnet18 --methods ramda proxgen --seeds 0 --epochs 2 --ft-epochs 1 \
-        --limit-train 2000
+    # 12,000 images (frontier_12k.json) and the full training set (frontier_60k.json)
+    python benchmarks/frontier.py --models cnn --methods tp_magnitude tp_taylor tp_groupnorm ramda_fixed \
+        --epochs 3 --ft-epochs 1 --limit-train 12000 --json benchmarks/results/frontier_12k.json
+    python benchmarks/frontier.py --models cnn --methods tp_magnitude tp_groupnorm ramda_fixed \
+        --epochs 3 --ft-epochs 1 --limit-train 0 --json benchmarks/results/frontier_60k.json
     python benchmarks/frontier.py --refresh          # structkit rows rebuilt from their report.json
     python benchmarks/frontier.py --time --runs 50   # re-time every finished row's ONNX pair
     python benchmarks/frontier.py --plot             # benchmarks/results/frontier.png
@@ -95,11 +96,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.defaults import ADAMW, SOLVERS  # noqa: E402  (after the sys.path line)
 
 TP_METHODS = ("tp_magnitude", "tp_taylor", "tp_groupnorm")
-SK_METHODS = ("ramda", "proxgen", "ramda_fixed")
+SK_METHODS = ("ramda", "proxgen", "ramda_fixed", "proxgen_fixed")
 #: structkit variants: a method name -> (solver, config changes on top of the common config)
 SK_VARIANTS = {"ramda": ("ramda", {}), "proxgen": ("proxgen", {}),
                # RAMDA with averaging momentum 0.5 and compress.final_stage fixed (structkit/fixed_stage.py)
-               "ramda_fixed": ("ramda", {"optimizer": {"momentum": 0.5}, "compress": {"final_stage": "fixed"}})}
+               "ramda_fixed": ("ramda", {"optimizer": {"momentum": 0.5}, "compress": {"final_stage": "fixed"}}),
+               # ProxGen with compress.final_stage fixed (no averaging momentum to change)
+               "proxgen_fixed": ("proxgen", {"compress": {"final_stage": "fixed"}})}
 METHODS = SK_METHODS + TP_METHODS
 MODELS = {
     "cnn": {"model": {"name": "cnn", "options": {"widths": [32, 32, 64, 64, 128], "pool_after": [2, 4]}},
@@ -599,8 +602,8 @@ def markdown_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-COLORS = {"ramda": "tab:red", "ramda_fixed": "tab:purple", "proxgen": "tab:green", "tp_magnitude": "tab:orange", "tp_taylor": "tab:blue",
-          "tp_groupnorm": "tab:purple", "dense": "black"}
+COLORS = {"ramda": "tab:red", "ramda_fixed": "tab:brown", "proxgen": "tab:green", "proxgen_fixed": "tab:olive",
+          "tp_magnitude": "tab:orange", "tp_taylor": "tab:blue", "tp_groupnorm": "tab:purple", "dense": "black"}
 
 
 def plot(data: dict, path: Path) -> None:
@@ -640,13 +643,15 @@ def plot(data: dict, path: Path) -> None:
                         ax.annotate(f"1/{t:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=6,
                                     color=COLORS[method])
             meta = data.get("meta", {}).get(model, {})
+            images = meta.get("limit_train", "?")
+            images = "the full training set" if images == 0 else f"{images} training images"
             ax.set_title(f"{model}: {meta.get('epochs', '?')} train + {meta.get('ft_epochs', '?')} fine-tune "
-                         f"epochs, {meta.get('limit_train', '?')} training images", fontsize=9)
+                         f"epochs, {images}", fontsize=9)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy % (after fine-tuning)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.suptitle("Equal-budget frontier on Fashion-MNIST: mean over seeds, bars = std; labels = MACs target",
+    fig.suptitle("Equal-budget frontier on Fashion-MNIST\nmean over seeds, bars = std; labels = MACs target",
                  fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

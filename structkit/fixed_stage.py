@@ -9,7 +9,8 @@ end, so every group that survives is still shrunk towards zero by ``tau w_g / ||
    RMS per cost factor, never a layer's last group, and only groups the pruner removes) and set to exactly zero;
    dead groups that ``round_to`` would keep as padding are re-initialised (structkit/padding.py). If training
    overshot (the exact zeros alone fall more than ``compress.tolerance`` below the target), the exact zeros closest
-   to coming back (RAMDA's / RMDA's zero margins, highest first) are re-initialised instead, as many as keep the
+   to coming back (the zero margins of a step from there, highest first: RAMDA's / RMDA's dual state,
+   ProxGen's moments) are re-initialised instead, as many as keep the
    cost at or below the target, so the stage starts at the target rather than below it. Kept groups that the
    solver is zeroing (margin <= 1: heading to zero, their gradient fading with them) are re-initialised as well;
 2. the dual state restarts at that point (RAMDA/RMDA: the stage's start point must hold the zeros), the group
@@ -48,10 +49,12 @@ class FixedFinalStage:
             return
         groupset = self.setup.groupset
         if epoch == self.first_epoch:  # the stage starts here (also when a run resumes at this epoch)
-            # RAMDA's / RMDA's zero margins (None for proximal solvers): an overshoot (more exact zeros than the
-            # target needs) is undone by re-initialising the zero groups closest to coming back
+            # an overshoot (more exact zeros than the target needs) is undone by re-initialising the zero groups
+            # closest to coming back: highest margin of a step from here (RAMDA/RMDA: the dual state's; ProxGen:
+            # its moments'; None for ProxSGD)
             margins = groupset.solver_margins(self.solver)
-            selection = selection_for(self.config, self.setup, revive_scores=margins)
+            selection = selection_for(self.config, self.setup,
+                                      revive_scores=groupset.solver_margins(self.solver, step=True))
             seed = self.config.schedule.seed + epoch
             reinitialise(self.setup.model, groupset, selection.revived_ids, seed=seed)
             groupset.zero_(selection.added_ids)

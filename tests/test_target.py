@@ -83,6 +83,34 @@ def test_identified_zeros_of_a_proximal_solver_are_the_iterates():
     assert torch.equal(flags, gs.rms() == 0)
 
 
+def test_proxgen_step_margins_are_those_of_a_step_with_its_moments():
+    """ProxGen has no dual state, hence no zero margins (its controller keeps the band rule), but a step from the
+    current state with its moments is the subproblem ``min 1/2 ||y - z||_D^2 + lr lam psi(y)``, ``z = W - lr m_hat /
+    D``: kappa_g = ||D z||_g / (lr lam w_g) (float64 reference) is <= 1 exactly where its solution is zero, and for
+    an exactly-zero group it is ||m_hat||_g / (lam w_g) -- the fixed final stage revives the largest first."""
+    model = _cnn()
+    gs, _ = _groups(model, lam=5e-3)
+    solver = ProxGen(gs.param_groups(), lr=1e-2)
+    _train(model, solver, 20)
+    assert gs.solver_margins(solver) is None
+    kappa = gs.solver_margins(solver, step=True)
+    group = solver.param_groups[0]
+    state = solver.state[group["params"][0]]
+    lay64 = GroupLayout([p.shape for p in group["params"]], list(group["group_index"]), dtype=torch.float64)
+    t, (beta1, beta2), lr, lam = state["step"], group["betas"], group["lr"], group["lam"]
+    m_hat = state["m"].double() / (1 - beta1 ** t)
+    D = (state["v"].double() / (1 - beta2 ** t)).sqrt() + group["eps"]
+    W = lay64.flatten([p.detach().double() for p in group["params"]])
+    z = W - lr * m_hat / D
+    reference = lay64.norms(D * z) / (lr * lam * lay64.weights)
+    assert kappa.shape == reference.shape and torch.allclose(kappa, reference, rtol=1e-5)
+    zero = lay64.norms(W) == 0
+    assert zero.any() and not zero.all(), "the test needs some zero and some nonzero groups"
+    assert torch.allclose(kappa[zero], (lay64.norms(m_hat) / (lam * lay64.weights))[zero], rtol=1e-5)
+    y = get_regularizer("group_lasso").prox_diag(z, D, lr * lam, lay64)
+    assert torch.equal(lay64.norms(y) == 0, reference <= 1)
+
+
 def test_solver_zero_flags_refuses_another_solver():
     model = _cnn()
     gs, _ = _groups(model)
@@ -222,6 +250,7 @@ def test_margin_controller_reads_the_lam_that_meets_the_target():
     _train(model, solver, 20)
     margins = gs.solver_margins(solver)
     assert margins is not None and torch.equal(margins <= 1, gs.solver_zero_flags(solver))
+    assert torch.equal(gs.solver_margins(solver, step=True), margins)  # dual averaging: the same
     ctl = LamController(solver, gs, model, x, metric="macs", target=0.5, tolerance=0.05, check_every=1)
     f = ctl._margin_factor(margins)
     assert 0.5 <= f <= 2.0

@@ -222,11 +222,23 @@ class StructuredOptimizer(Optimizer):
         the group is zero in the subproblem's solution iff ``kappa_g <= 1``, and multiplying lam by ``m`` zeroes
         exactly the groups with ``kappa_g <= m`` (at the current dual state). None elsewhere (no such margin:
         proximal solvers, other regularizers, a stage with no step yet)."""
+        return self._margins(self._screen_point)
+
+    @torch.no_grad()
+    def step_margins(self) -> list[torch.Tensor | None]:
+        """Per group-lasso param group, ``kappa_g = ||d z||_g / (tau w_g)`` of the subproblem of a step taken from
+        the current state: a group comes out of that step zero iff ``kappa_g <= 1``. For the dual-averaging solvers
+        this is :meth:`zero_margins`. Proximal solvers that keep moments (ProxGen) take the step with their current
+        moments (no new gradient), so for a zero group ``kappa_g = ||m_hat||_g / (lam w_g)``: how far its averaged
+        gradient is from pulling it out of zero -- which exact zeros are closest to coming back. None where a
+        group has no such step (ProxSGD, other regularizers, before the first step)."""
+        return self._margins(self._step_point)
+
+    def _margins(self, point_of) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
         for group in self.param_groups:
             reg = get_regularizer(group["regularizer"])
-            point = self._screen_point(group, self._flat_state(group)) \
-                if group["params"] and reg.name == "group_lasso" else None
+            point = point_of(group, self._flat_state(group)) if group["params"] and reg.name == "group_lasso" else None
             if point is None:
                 out.append(None)
                 continue
@@ -234,6 +246,11 @@ class StructuredOptimizer(Optimizer):
             layout = self._layout(group)
             out.append(layout.norms(d * z) / (tau * layout.weights))
         return out
+
+    def _step_point(self, group, state) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``(z, d, tau)`` of a step from the current state (:meth:`step_margins`); the dual-averaging solvers'
+        :meth:`_screen_point` unless a solver says otherwise."""
+        return self._screen_point(group, state)
 
     def _screen_point(self, group, state) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """``(z, d, tau)`` of the subproblem ``min 1/2 ||y - z||_d^2 + tau psi(y)`` whose solution the solver moves

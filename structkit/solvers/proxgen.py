@@ -69,3 +69,15 @@ class ProxGen(StructuredOptimizer):
         z.addcdiv_(m, D, value=-step)
         w_new, _ = self._solve(group, state, reg, z, D, tau, layout, lambda: layout.flatten(params))
         torch._foreach_copy_(list(params), layout.split(w_new))
+
+    def _step_point(self, group, state):
+        """``(W - lr m_hat / D, D, lr lam)``: the subproblem of a step with the current moments (no new gradient)."""
+        tau = group["lr"] * group["lam"]
+        if "m" not in state or tau == 0:
+            return None
+        t = state["step"]
+        beta1, beta2 = group["betas"]
+        layout = self._layout(group)
+        D = state["v"].div(1 - beta2 ** t).sqrt_().add_(group["eps"])
+        z = layout.flatten(group["params"]).addcdiv_(state["m"], D, value=-group["lr"] / (1 - beta1 ** t))
+        return z, D, tau

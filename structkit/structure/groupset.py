@@ -276,11 +276,11 @@ class GroupSet:
         return torch.cat([torch.zeros(g.num_groups, dtype=torch.bool) if f is None else f.cpu()
                           for g, f in zip(self._groups, parts)]) if parts else torch.zeros(0, dtype=torch.bool)
 
-    def solver_margins(self, solver) -> torch.Tensor | None:
-        """Global zero margins (float64, CPU) of ``solver``'s group-lasso groups
-        (:meth:`~structkit.solvers.base.StructuredOptimizer.zero_margins`; inf for groups of other regularizers),
-        or None when a group-lasso param group has none (proximal solvers, a stage before its first step)."""
-        parts = self._per_group(solver, solver.zero_margins())
+    def solver_margins(self, solver, step: bool = False) -> torch.Tensor | None:
+        """Global zero margins (float64, CPU) of ``solver``'s group-lasso groups (``zero_margins``, or with ``step``
+        ``step_margins``, which ProxGen has too; inf for other regularizers' groups), or None when a group-lasso
+        param group has none (proximal solvers without ``step``, a stage before its first step)."""
+        parts = self._per_group(solver, solver.step_margins() if step else solver.zero_margins())
         if any(m is None and g.regularizer == "group_lasso" for g, m in zip(self._groups, parts)):
             return None
         return torch.cat([torch.full((g.num_groups,), math.inf, dtype=torch.float64) if m is None else m.double().cpu()
