@@ -13,8 +13,9 @@ from torch import nn
 
 from .config import Config, training_hash
 from .run_folder import RunFolder, open_stage, say_cpu, write_report
+from .selection import target_summary
 from .setup import Log, Setup, recalibration_batches, trained_setup
-from .target import selection_for, target_summary
+from .target import selection_for
 from .train_stage import sparsity_summary
 from .training import recalibrate_batchnorm
 

@@ -2,7 +2,7 @@
 
 A regularized final stage (``compress.final_stage: regularized``, the default) keeps the group lasso on until the
 end, so every group that survives is still shrunk towards zero by ``tau w_g / ||W_g||``, and the final selection
-(:func:`structkit.target.select_groups`) may project more groups to zero after training. With ``fixed``:
+(:func:`structkit.selection.select_groups`) may project more groups to zero after training. With ``fixed``:
 
 1. at the start of the final stage (the epoch after the last milestone; the last epoch without milestones) the
    groups the target needs are chosen exactly as the final selection chooses them (the exact zeros, then the smallest
@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from .padding import reinitialise, revive_padding
-from .target import selection_for, target_summary
+from .selection import target_summary
+from .target import selection_for
 
 __all__ = ["FixedFinalStage", "fixed_stage_for"]
 

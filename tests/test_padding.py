@@ -7,7 +7,7 @@ import torch
 
 from structkit.padding import drop_padding, reinitialise, revive_padding
 from structkit.prune import prune
-from structkit.target import select_groups
+from structkit.selection import select_groups
 from tests.test_target import _cnn, _groups
 
 

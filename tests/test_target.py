@@ -13,7 +13,9 @@ from structkit.config import validate
 from structkit.layout import GroupLayout
 from structkit.regularizers import get_regularizer
 from structkit.solvers import RAMDA, RMDA, ProxGen
-from structkit.target import LamController, Removal, removal_cost, select_groups
+from structkit import selection as selection_mod
+from structkit.selection import Removal, removal_cost, select_groups
+from structkit.target import LamController
 
 
 def _cnn(seed=0):
@@ -163,6 +165,29 @@ def test_select_groups_takes_the_fewest_smallest_groups_that_meet_the_target():
     assert sel.within_tolerance == (abs(sel.reached / 0.6 - 1) <= 0.05)
 
 
+def test_select_groups_passes_over_a_round_to_step_that_lands_far_below_the_target(monkeypatch):
+    """round_to 8: the 8th small group of conv2 completes a step that removes 8 of its 24 channels (and their 8
+    input channels of conv3), about a third of the MACs at once, from 1.0 to 0.68 for a 0.85 target. Passed over, the
+    next groups in the order (8 of conv3's) reach 0.84, within the 5 % tolerance; without the pass-over the
+    selection stops at 0.68."""
+    model = _cnn()
+    gs, x = _groups(model)
+    conv2, conv3 = (gs.groups_of(b) for b in gs.blocks[1:])
+    with torch.no_grad():  # every entry of a group (the filter, its BatchNorm, the consumer's input slice)
+        for ids, scale in ((conv2[:8], 1e-4), (conv3[:8], 1e-2)):  # conv2's first 8 smallest, then conv3's
+            for _, p, mask in gs.entries(gs.flags_of(ids), None):
+                p[mask] *= scale
+    kwargs = dict(metric="macs", target=0.85, tolerance=0.05, round_to=8)
+    sel = select_groups(model, gs, x, **kwargs)
+    assert 0.85 * 0.95 <= sel.reached <= 0.85 and sel.within_tolerance and sel.note == ""
+    assert sel.reached == pytest.approx(removal_cost(model, gs, x, sel.added_ids, round_to=8)[1].ratio("macs"))
+    # conv3's 8 channels removed; conv2's 7 small groups would only be round_to padding, so they are not zeroed
+    assert {label: n for label, n in sel.removed.items() if n} == {gs.blocks[2].label: 8} and sel.added_groups == 8
+    monkeypatch.setattr(selection_mod, "PASS_OVER", 0)
+    stuck = select_groups(model, gs, x, **kwargs)
+    assert stuck.reached < 0.85 * 0.95 and "more than 5% below" in stuck.note
+
+
 def test_select_groups_reports_an_overshoot_and_an_unreachable_target():
     model = _cnn()
     gs, x = _groups(model)
@@ -226,15 +251,15 @@ def test_cost_factors_charge_high_resolution_channels_more():
                           nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
     gs, x = _groups(model, lam=1e-3)
-    macs = target_mod.cost_factors(model, gs, x, metric="macs", exponent=1.0)
+    macs = selection_mod.cost_factors(model, gs, x, metric="macs", exponent=1.0)
     labels = [b.label for b in gs.blocks]
     assert len(macs) == 4
     assert macs[labels[1]] / macs[labels[2]] == pytest.approx(2.5, rel=0.05)
     counts = [b.num_groups for b in gs.blocks]
     assert sum(macs[l] * n for l, n in zip(labels, counts)) / sum(counts) == pytest.approx(1.0)
-    half = target_mod.cost_factors(model, gs, x, metric="macs", exponent=0.5)
+    half = selection_mod.cost_factors(model, gs, x, metric="macs", exponent=0.5)
     assert half[labels[1]] / half[labels[2]] == pytest.approx(2.5 ** 0.5, rel=0.05)
-    assert target_mod.cost_factors(model, gs, x, metric="macs", exponent=0) == {}
+    assert selection_mod.cost_factors(model, gs, x, metric="macs", exponent=0) == {}
     weighted = gs.with_lam_factors(macs)
     lams = sorted(g["lam"] for g in weighted.param_groups() if g.get("regularizer") == "group_lasso")
     assert lams == pytest.approx(sorted({1e-3 * f for f in macs.values()}))
@@ -346,7 +371,7 @@ def test_latency_target_times_candidates_in_onnx_runtime():
     the measured ratio, and a slim model that is the dense one measures about 1."""
     model = _cnn()
     gs, x = _groups(model)
-    measure = target_mod.ort_latency_ratio(16, x, threads=1, warmup=2, runs=5)
+    measure = selection_mod.ort_latency_ratio(16, x, threads=1, warmup=2, runs=5)
     same = measure(model.eval(), copy.deepcopy(model).eval())
     assert 0.3 < same < 3.0
     calls = []

@@ -1,9 +1,8 @@
 """``group_parameters`` (rules -> groups) and ``GroupSet`` (the groups, their norms and metrics, and the
 optimizer param groups that hand them to a structkit solver).
 
-Groups are numbered globally ``0 .. len(groupset) - 1``: param group by param group, and inside each one in
-the order of :class:`~structkit.layout.GroupLayout` ids. Every statistic is computed per param group with one
-layout reduction over all of its groups at once (no Python loop over groups).
+Groups are numbered globally ``0 .. len(groupset) - 1``: param group by param group, inside each one in the order
+of :class:`~structkit.layout.GroupLayout` ids. Statistics: one layout reduction per param group (no loop over groups).
 """
 from __future__ import annotations
 
@@ -269,17 +268,15 @@ class GroupSet:
         return GroupSet(self.model, blocks, self.skipped)
 
     def solver_zero_flags(self, solver) -> torch.Tensor:
-        """Global zero flags (bool, CPU) of the structure ``solver`` is heading for
-        (:meth:`~structkit.solvers.base.StructuredOptimizer.identified_zeros`); ``solver`` must have been built on
-        :meth:`param_groups` of this set (the first param groups are this set's, in order)."""
+        """Global ``solver.identified_zeros()`` (bool, CPU): the structure it is heading for. ``solver`` must be
+        built on :meth:`param_groups` of this set (its first param groups are this set's, in order)."""
         parts = self._per_group(solver, solver.identified_zeros())
         return torch.cat([torch.zeros(g.num_groups, dtype=torch.bool) if f is None else f.cpu()
                           for g, f in zip(self._groups, parts)]) if parts else torch.zeros(0, dtype=torch.bool)
 
     def solver_margins(self, solver, step: bool = False) -> torch.Tensor | None:
-        """Global zero margins (float64, CPU) of ``solver``'s group-lasso groups (``zero_margins``, or with ``step``
-        ``step_margins``, which ProxGen has too; inf for other regularizers' groups), or None when a group-lasso
-        param group has none (proximal solvers without ``step``, a stage before its first step)."""
+        """Global ``solver.zero_margins()`` (``step``: ``step_margins()``, ProxGen's too) as float64 on the CPU, inf for
+        other regularizers' groups; None when a group-lasso param group has none (e.g. a stage before its first step)."""
         parts = self._per_group(solver, solver.step_margins() if step else solver.zero_margins())
         if any(m is None and g.regularizer == "group_lasso" for g, m in zip(self._groups, parts)):
             return None
