@@ -9,8 +9,9 @@ divided by the block's cost factor; the exact zeros first; the largest group of 
 cut), and the fewest ``k`` of them whose removal meets the target, found by bisection on ``k`` (the cost does not
 increase with ``k``). With ``round_to`` the cost falls in steps: the group that completes a block's next step of
 ``round_to`` channels removes them all at once, and on a wide, expensive layer (a ResNet's residual stream) that
-step can land far below the target. Such a group is passed over (moved to the end of the order) and the bisection
-goes on with the groups after it, up to :data:`PASS_OVER` times, keeping the selection closest to the target.
+step can land far below the target. Such a group's block is passed over (its remaining groups move after every
+other candidate) and the bisection goes on with the other blocks' groups, up to :data:`PASS_OVER` times, keeping
+the selection closest to the target.
 Groups beyond the exact zeros are set to zero in the trained model (a projection, reported as such); the pruner
 then removes them exactly, verified against the projected model, and the fine-tune stage recovers what the
 projection cost. If the identified zeros alone already remove more than asked, nothing is added and the report
@@ -35,7 +36,7 @@ from .padding import drop_padding
 __all__ = ["Removal", "Selection", "cost_factors", "first_meeting", "ort_latency_ratio", "removable", "removal_cost",
            "select_groups", "target_summary"]
 
-PASS_OVER = 8  # the most groups select_groups passes over when one removal step lands more than tolerance below
+PASS_OVER = 8  # the most blocks select_groups passes over when one removal step lands more than tolerance below
 
 
 @dataclass
@@ -215,11 +216,17 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
         else:  # reached(lo) > target >= reached(hi)
             k = first_meeting(lo, hi, lambda k: reached(k) <= target)
             r, best = reached(k), (reached(k), k, order)
+            block_of = torch.empty(len(rms), dtype=torch.long)
+            for i, block in enumerate(groupset.blocks):
+                block_of[groupset.groups_of(block)] = i
             for _ in range(PASS_OVER if metric != "latency" else 0):  # latency: every measure is an ORT timing
-                if best[0] >= (1 - tolerance) * target or k >= hi:
+                rest = order[k - 1:hi]
+                same = block_of[rest] == block_of[order[k - 1]]
+                if best[0] >= (1 - tolerance) * target or same.all():
                     break
-                # the k-th group's step lands too far below: pass it over (last candidate) and search again
-                order = torch.cat([order[:k - 1], order[k:hi], order[k - 1:k], order[hi:]])
+                # the k-th group completes a step of its block that lands too far below (more of that block only
+                # goes lower): its block's remaining groups go after every other candidate, and the search goes on
+                order = torch.cat([order[:k - 1], rest[~same], rest[same], order[hi:]])
                 measured.cache_clear()
                 k = first_meeting(k - 1, hi, lambda k: reached(k) <= target)
                 if reached(k) > best[0]:

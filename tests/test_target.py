@@ -169,7 +169,7 @@ def test_select_groups_passes_over_a_round_to_step_that_lands_far_below_the_targ
     """round_to 8: the 8th small group of conv2 completes a step that removes 8 of its 24 channels (and their 8
     input channels of conv3), about a third of the MACs at once, from 1.0 to 0.68 for a 0.85 target. Passed over, the
     next groups in the order (8 of conv3's) reach 0.84, within the 5 % tolerance; without the pass-over the
-    selection stops at 0.68."""
+    selection stops at 0.68 (the rest of conv2 goes last)."""
     model = _cnn()
     gs, x = _groups(model)
     conv2, conv3 = (gs.groups_of(b) for b in gs.blocks[1:])
