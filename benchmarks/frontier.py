@@ -1,4 +1,4 @@
-"""Equal-budget accuracy / speed frontier: structkit (RAMDA, ProxGen, RAMDA with a fixed final stage) against
+"""Equal-budget accuracy / speed frontier: structkit (RAMDA, ProxGen, each also with a fixed final stage) against
 Torch-Pruning (magnitude, Taylor, GroupNormPruner) at MACs targets of 1/1.5, 1/2 and 1/3 of the dense model
 (issue 14, item 5).
 
@@ -29,7 +29,8 @@ Protocol (one row = one model, method, MACs target, seed):
   during training, exactly the groups needed removed), the same ``finetune`` section; RAMDA lr 1e-2 (ResNet-18:
   1e-3, chosen on validation, see ``MODELS``), momentum 0.1, ProxGen lr 1e-3 (benchmarks/defaults.py), one restart stage at the last training epoch (``milestones:
   [E_train - 1]``, gamma 0.1). ``ramda_fixed``: the same with averaging momentum 0.5 and
-  ``compress.final_stage: fixed`` (structkit/fixed_stage.py; ``SK_VARIANTS``). Accuracies, MACs and params come from
+  ``compress.final_stage: fixed`` (structkit/fixed_stage.py; ``SK_VARIANTS``); ``proxgen_fixed``: ProxGen with
+  ``compress.final_stage: fixed``. Accuracies, MACs and params come from
   the run folder's report.json.
 - ``dense`` reference rows: the AdamW model after E_train epochs (no pruning, no fine-tune).
 - Accuracy: test split (10,000 images), after fine-tuning; ``acc_pruned`` is the accuracy right after pruning
