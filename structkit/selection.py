@@ -11,7 +11,8 @@ increase with ``k``). With ``round_to`` the cost falls in steps: the group that 
 ``round_to`` channels removes them all at once, and on a wide, expensive layer (a ResNet's residual stream) that
 step can land far below the target. Such a group's block is passed over (its remaining groups move after every
 other candidate) and the bisection goes on with the other blocks' groups, up to :data:`PASS_OVER` times, keeping
-the selection closest to the target.
+the selection closest to the target among those whose largest removed group is at most :data:`PASS_OVER_RMS` times
+the plain selection's.
 Groups beyond the exact zeros are set to zero in the trained model (a projection, reported as such); the pruner
 then removes them exactly, verified against the projected model, and the fine-tune stage recovers what the
 projection cost. If the identified zeros alone already remove more than asked, nothing is added and the report
@@ -36,7 +37,10 @@ from .padding import drop_padding
 __all__ = ["Removal", "Selection", "cost_factors", "first_meeting", "ort_latency_ratio", "removable", "removal_cost",
            "select_groups", "target_summary"]
 
-PASS_OVER = 8  # the most blocks select_groups passes over when one removal step lands more than tolerance below
+PASS_OVER = 8        # the most blocks select_groups passes over when one removal step lands more than tolerance below
+PASS_OVER_RMS = 2.0  # ...and only for a selection whose largest removed group is at most this x the plain one's:
+                     # below the target beats projecting live channels away (on the 4,000-image CNN at 1/2 a
+                     # pass-over to 0.499 of the MACs removed groups 3x larger and lost 3 points: 76.10 vs 79.06 %)
 
 
 @dataclass
@@ -216,6 +220,8 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
         else:  # reached(lo) > target >= reached(hi)
             k = first_meeting(lo, hi, lambda k: reached(k) <= target)
             r, best = reached(k), (reached(k), k, order)
+            # a pass-over may not remove groups larger than PASS_OVER_RMS x the largest the plain selection removes
+            largest = PASS_OVER_RMS * float(rms[order[n_zero:k]].max())
             block_of = torch.empty(len(rms), dtype=torch.long)
             for i, block in enumerate(groupset.blocks):
                 block_of[groupset.groups_of(block)] = i
@@ -229,7 +235,7 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
                 order = torch.cat([order[:k - 1], rest[~same], rest[same], order[hi:]])
                 measured.cache_clear()
                 k = first_meeting(k - 1, hi, lambda k: reached(k) <= target)
-                if reached(k) > best[0]:
+                if reached(k) > best[0] and float(rms[order[n_zero:k]].max()) <= largest:
                     best = (reached(k), k, order)
             r, k, order = best
             measured.cache_clear()
