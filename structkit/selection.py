@@ -7,15 +7,10 @@ block costs relative to the others.
 :func:`select_groups` removes exactly the groups needed: the groups in order of their RMS (:meth:`GroupSet.rms`,
 divided by the block's cost factor; the exact zeros first; the largest group of each block never, so no layer is
 cut), and the fewest ``k`` of them whose removal meets the target, found by bisection on ``k`` (the cost does not
-increase with ``k``). With ``round_to`` the cost falls in steps: the group that completes a block's next step of
-``round_to`` channels removes them all at once, and on a wide, expensive layer (a ResNet's residual stream) that
-step can land far below the target. Such a group's block is passed over (its remaining groups move after every
-other candidate) and the bisection goes on with the other blocks' groups, up to :data:`PASS_OVER` times, keeping
-the selection closest to the target among those whose largest removed group is at most :data:`PASS_OVER_RMS` times
-the plain selection's.
-Groups beyond the exact zeros are set to zero in the trained model (a projection, reported as such); the pruner
-then removes them exactly, verified against the projected model, and the fine-tune stage recovers what the
-projection cost. If the identified zeros alone already remove more than asked, nothing is added and the report
+increase with ``k``; with ``round_to`` it falls in steps, and the report says when the nearest step lands more
+than the tolerance below the target). Groups beyond the exact zeros are set to zero in the trained model (a
+projection, reported as such); the pruner then removes them exactly, verified against the projected model, and the
+fine-tune stage recovers what the projection cost. If the identified zeros alone already remove more than asked, nothing is added and the report
 says how far below the target the model is (or, with ``revive_scores``, which exact zeros to bring back).
 """
 from __future__ import annotations
@@ -36,11 +31,6 @@ from .padding import drop_padding
 
 __all__ = ["Removal", "Selection", "cost_factors", "first_meeting", "ort_latency_ratio", "removable", "removal_cost",
            "select_groups", "target_summary"]
-
-PASS_OVER = 8        # the most blocks select_groups passes over when one removal step lands more than tolerance below
-PASS_OVER_RMS = 2.0  # ...and only for a selection whose largest removed group is at most this x the plain one's:
-                     # below the target beats projecting live channels away (on the 4,000-image CNN at 1/2 a
-                     # pass-over to 0.499 of the MACs removed groups 3x larger and lost 3 points: 76.10 vs 79.06 %)
 
 
 @dataclass
@@ -219,26 +209,7 @@ def select_groups(model: nn.Module, groupset, example_inputs: Any, *, metric: st
                     "declared structure cannot reach the target (declare more layers, or aim higher)")
         else:  # reached(lo) > target >= reached(hi)
             k = first_meeting(lo, hi, lambda k: reached(k) <= target)
-            r, best = reached(k), (reached(k), k, order)
-            # a pass-over may not remove groups larger than PASS_OVER_RMS x the largest the plain selection removes
-            largest = PASS_OVER_RMS * float(rms[order[n_zero:k]].max())
-            block_of = torch.empty(len(rms), dtype=torch.long)
-            for i, block in enumerate(groupset.blocks):
-                block_of[groupset.groups_of(block)] = i
-            for _ in range(PASS_OVER if metric != "latency" else 0):  # latency: every measure is an ORT timing
-                rest = order[k - 1:hi]
-                same = block_of[rest] == block_of[order[k - 1]]
-                if best[0] >= (1 - tolerance) * target or same.all():
-                    break
-                # the k-th group completes a step of its block that lands too far below (more of that block only
-                # goes lower): its block's remaining groups go after every other candidate, and the search goes on
-                order = torch.cat([order[:k - 1], rest[~same], rest[same], order[hi:]])
-                measured.cache_clear()
-                k = first_meeting(k - 1, hi, lambda k: reached(k) <= target)
-                if reached(k) > best[0] and float(rms[order[n_zero:k]].max()) <= largest:
-                    best = (reached(k), k, order)
-            r, k, order = best
-            measured.cache_clear()
+            r = reached(k)
             if r < (1 - tolerance) * target:
                 note = (f"the nearest removable step reaches {r:.3f}, more than {tolerance:.0%} below "
                         f"{target:.3f} (round_to={round_to} moves widths in steps; a smaller round_to is finer)")
