@@ -10,8 +10,9 @@ cut), and the fewest ``k`` of them whose removal meets the target, found by bise
 increase with ``k``; with ``round_to`` it falls in steps, and the report says when the nearest step lands more
 than the tolerance below the target). Groups beyond the exact zeros are set to zero in the trained model (a
 projection, reported as such); the pruner then removes them exactly, verified against the projected model, and the
-fine-tune stage recovers what the projection cost. If the identified zeros alone already remove more than asked, nothing is added and the report
-says how far below the target the model is (or, with ``revive_scores``, which exact zeros to bring back).
+fine-tune stage recovers what the projection cost. If the identified zeros alone already remove more than asked,
+nothing is added and the report says how far below the target the model is (or, with ``revive_scores``, which
+exact zeros to bring back).
 """
 from __future__ import annotations
 

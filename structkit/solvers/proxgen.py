@@ -52,14 +52,12 @@ class ProxGen(StructuredOptimizer):
             state["m"] = params[0].new_zeros(layout.numel)
             state["v"] = params[0].new_zeros(layout.numel)
         state["step"] += 1
-        t = state["step"]
         beta1, beta2 = group["betas"]
         m, v = state["m"], state["v"]
         grads = self._lerp_grads_(params, m, layout, 1 - beta1)
         v.mul_(beta2)
         torch._foreach_addcmul_(self._with_grad(params, layout.split(v))[0], grads, grads, value=1 - beta2)
-        D = torch.sqrt(v, out=self._buffer(group, "D", v)).mul_(1 / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-        step = group["lr"] / (1 - beta1 ** t)
+        D, step = self._scaling(group, state, out=self._buffer(group, "D", v))
         tau = group["lr"] * group["lam"]
         if tau == 0:
             torch._foreach_addcdiv_(list(params), layout.split(m), layout.split(D), value=-step)
@@ -70,14 +68,19 @@ class ProxGen(StructuredOptimizer):
         w_new, _ = self._solve(group, state, reg, z, D, tau, layout, lambda: layout.flatten(params))
         torch._foreach_copy_(list(params), layout.split(w_new))
 
+    @staticmethod
+    def _scaling(group, state, out=None) -> tuple[torch.Tensor, float]:
+        """``D_t`` (into ``out`` if given) and the step ``lr / (1 - beta1^t)`` that scales ``m`` (class docstring)."""
+        t = state["step"]
+        beta1, beta2 = group["betas"]
+        D = torch.sqrt(state["v"], out=out).mul_(1 / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+        return D, group["lr"] / (1 - beta1 ** t)
+
     def _step_point(self, group, state):
         """``(W - lr m_hat / D, D, lr lam)``: the subproblem of a step with the current moments (no new gradient)."""
         tau = group["lr"] * group["lam"]
         if "m" not in state or tau == 0:
             return None
-        t = state["step"]
-        beta1, beta2 = group["betas"]
-        layout = self._layout(group)
-        D = state["v"].div(1 - beta2 ** t).sqrt_().add_(group["eps"])
-        z = layout.flatten(group["params"]).addcdiv_(state["m"], D, value=-group["lr"] / (1 - beta1 ** t))
+        D, step = self._scaling(group, state)
+        z = self._layout(group).flatten(group["params"]).addcdiv_(state["m"], D, value=-step)
         return z, D, tau

@@ -275,8 +275,8 @@ class GroupSet:
                           for g, f in zip(self._groups, parts)]) if parts else torch.zeros(0, dtype=torch.bool)
 
     def solver_margins(self, solver, step: bool = False) -> torch.Tensor | None:
-        """Global ``solver.zero_margins()`` (``step``: ``step_margins()``, ProxGen's too) as float64 on the CPU, inf for
-        other regularizers' groups; None when a group-lasso param group has none (e.g. a stage before its first step)."""
+        """Global ``solver.zero_margins()`` (``step``: ``step_margins()``, ProxGen's too), float64 on the CPU, inf for
+        other regularizers' groups; None if a group-lasso param group has none (e.g. before the stage's first step)."""
         parts = self._per_group(solver, solver.step_margins() if step else solver.zero_margins())
         if any(m is None and g.regularizer == "group_lasso" for g, m in zip(self._groups, parts)):
             return None
